@@ -1,0 +1,89 @@
+"""``iteris merge CONFIG --out DIR``, ``iteris methods``, ``iteris demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import IterisError
+
+
+def _cmd_merge(args) -> int:
+    from .merge import merge
+
+    overrides = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "rank": args.rank,
+        "method": args.method,
+        "merge_into_base": True if args.merge_into_base else None,
+        "progress": False if args.quiet else None,
+    }
+    result = merge(args.config, out=args.out, force=args.force, **overrides)
+    print(result.summary)
+    print(f"Written to {args.out}")
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from .methods import REGISTRY
+
+    for name, spec in sorted(REGISTRY.items()):
+        tag = " [needs calibration data]" if spec.needs_calibration else ""
+        print(f"{name}{tag}\n    {spec.summary}")
+        for pname, default, help_text in spec.describe():
+            print(f"    {pname} = {default}: {help_text}")
+        print()
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, force=args.force, quiet=args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iteris", description="Merge LoRA adapters into one (IterIS and baselines).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge the adapters a YAML config names")
+    m.add_argument("config", help="merge.yaml")
+    m.add_argument("--out", required=True, help="output directory (a PEFT adapter, or a model with --merge-into-base)")
+    m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the config's, else cuda if available)")
+    m.add_argument("--dtype", help="model dtype for the forward passes: float32, bfloat16, float16, auto")
+    m.add_argument("--rank", type=int, help="compress the merged LoRA to this rank by SVD (error reported)")
+    m.add_argument("--method", help="override the config's method")
+    m.add_argument("--merge-into-base", action="store_true", help="save a full model instead of an adapter")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.set_defaults(func=_cmd_merge)
+
+    ls = sub.add_parser("methods", help="list merge methods and their parameters")
+    ls.set_defaults(func=_cmd_methods)
+
+    d = sub.add_parser("demo", help="build a tiny model and adapters, merge them with every method, show a table")
+    d.add_argument("--out", default=None, help="also write the IterIS adapter and results.json here")
+    d.add_argument("--force", action="store_true")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except IterisError as exc:
+        print(f"iteris: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("iteris: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

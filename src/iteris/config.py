@@ -1,0 +1,139 @@
+"""The merge configuration (``merge.yaml``): parsed and checked before any long work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import IterisError
+
+
+@dataclass
+class CalibrationConfig:
+    samples: int = 50  # per adapter; fewer are used (and reported) if the file holds fewer
+    max_length: int = 256  # tokens per sample after truncation
+    field: str = "text"  # the sample text's column / key
+    prompt_field: str | None = None  # with response_field: prompt + separator + response
+    response_field: str | None = None
+    target_field: str | None = "target"  # encoder-decoder: the decoder's text, when the record has it
+    separator: str = "\n"
+    seed: int = 42  # which samples are drawn
+    batch_size: int = 8
+    generate: bool = False  # causal LMs: append each adapter's own greedy continuation to the sample
+    max_new_tokens: int = 64  # for generated decoder targets / continuations
+    stats_dtype: str = "float32"  # accumulation dtype of the statistics (solves always run in float64)
+
+
+@dataclass
+class AdapterSpec:
+    name: str
+    path: str
+    data: str | None = None
+    weight: float = 1.0
+    field: str | None = None  # overrides calibration.field for this adapter's data
+    samples: int | None = None
+
+
+@dataclass
+class MergeConfig:
+    base_model: str
+    adapters: list[AdapterSpec]
+    method: str = "iteris"
+    parameters: dict = field(default_factory=dict)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    tokenizer: str | None = None  # defaults to base_model
+    device: str = "auto"
+    dtype: str = "auto"  # model dtype for the forward passes
+    rank: int | None = None  # compress the merged LoRA to this rank by SVD (error reported)
+    merge_into_base: bool = False  # save a full model instead of an adapter
+    modules_to_save: str = "auto"  # auto | per_adapter | drop | <adapter name>
+    progress: bool = True
+
+    def resolve_paths(self, root: Path) -> None:
+        """Relative paths in a YAML file are relative to the file, as a user reading it would expect."""
+
+        def fix(p):
+            if p is None:
+                return None
+            candidate = root / p
+            return str(candidate) if not Path(p).is_absolute() and candidate.exists() else p
+
+        self.base_model = fix(self.base_model)
+        self.tokenizer = fix(self.tokenizer)
+        for a in self.adapters:
+            a.path = fix(a.path)
+            a.data = fix(a.data)
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise IterisError(f"{where} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise IterisError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise IterisError(f"{where}: {exc}") from None
+
+
+def _check_type(where: str, value, kind, name: str):
+    if value is not None and not isinstance(value, kind):
+        raise IterisError(f"{where}: '{name}' must be {kind.__name__ if isinstance(kind, type) else kind}, got {value!r}")
+
+
+def parse_config(data: dict, root: Path | None = None) -> MergeConfig:
+    if not isinstance(data, dict):
+        raise IterisError("the merge config must be a mapping with base_model, method and adapters")
+    data = dict(data)
+    for key in ("base_model", "adapters"):
+        if key not in data:
+            raise IterisError(f"the merge config has no '{key}'; see the README for a complete example")
+    adapters_raw = data.pop("adapters")
+    if not isinstance(adapters_raw, list) or len(adapters_raw) < 1:
+        raise IterisError("'adapters' must be a list of {name, path, data, weight} entries")
+    adapters = []
+    for index, entry in enumerate(adapters_raw):
+        if isinstance(entry, dict) and "name" not in entry and "path" in entry:
+            entry = {"name": Path(str(entry["path"])).name, **entry}
+        spec = _build(AdapterSpec, entry, f"adapters[{index}]")
+        _check_type(f"adapters[{index}]", spec.weight, (int, float), "weight")
+        adapters.append(spec)
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise IterisError(f"adapter names must be unique, got {names}")
+    calibration = _build(CalibrationConfig, data.pop("calibration", None) or {}, "calibration")
+    for name in ("samples", "max_length", "batch_size", "max_new_tokens"):
+        value = getattr(calibration, name)
+        if not isinstance(value, int) or value < 1:
+            raise IterisError(f"calibration.{name} must be a positive integer, got {value!r}")
+    if calibration.stats_dtype not in ("float32", "float64"):
+        raise IterisError("calibration.stats_dtype must be float32 or float64")
+    config = _build(MergeConfig, {**data, "adapters": adapters, "calibration": calibration}, "merge config")
+    if not isinstance(config.parameters, dict):
+        raise IterisError("'parameters' must be a mapping of the method's parameters")
+    if config.rank is not None and (not isinstance(config.rank, int) or config.rank < 1):
+        raise IterisError(f"'rank' must be a positive integer, got {config.rank!r}")
+    if root is not None:
+        config.resolve_paths(root)
+    return config
+
+
+def load_config(source) -> MergeConfig:
+    """A MergeConfig from a path to YAML, a dict, or a MergeConfig."""
+    if isinstance(source, MergeConfig):
+        return source
+    if isinstance(source, dict):
+        return parse_config(source)
+    path = Path(source)
+    if not path.is_file():
+        raise IterisError(f"config file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise IterisError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data, root=path.resolve().parent)

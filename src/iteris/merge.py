@@ -1,0 +1,294 @@
+"""``merge(config)``: check everything, run the chosen method, return a result that saves atomically."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import LoraAdapter, check_compatible, load_adapter, target_modules
+from .config import MergeConfig, load_config
+from .data import load_records, select_samples
+from .deltas import DenseDelta, LowRankDelta
+from .errors import IterisError
+from .methods import MergeContext, get_method
+from .output import atomic_directory, check_output_dir, write_adapter, write_merged_model, write_report
+
+
+@dataclass
+class MergeResult:
+    """The merged LoRA (``deltas``, exact unless compressed), what to write beside it, and the report."""
+
+    deltas: dict[str, LowRankDelta]
+    report: dict
+    config: MergeConfig
+    adapters: list[LoraAdapter]
+    # output sub-directory ("" = the output itself) -> modules_to_save tensors written with the LoRA
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=lambda: {"": {}})
+
+    @property
+    def summary(self) -> str:
+        return self.report.get("summary", "")
+
+    def save(self, out: str | Path, force: bool = False) -> Path:
+        """Write the adapter(s) and merge_report.json; nothing is left behind if this fails."""
+        start = time.perf_counter()
+        cfg = self.config
+        with atomic_directory(out, force) as tmp:
+            for sub, extras in self.heads.items():
+                target = tmp / sub if sub else tmp
+                if cfg.merge_into_base:
+                    staging = tmp / ".adapter" / (sub or "_")
+                    write_adapter(staging, self.deltas, self.adapters, cfg.base_model, extras)
+                    write_merged_model(
+                        target, staging, cfg.base_model, self.adapters[0].task_type, extras, cfg.tokenizer or cfg.base_model
+                    )
+                else:
+                    write_adapter(target, self.deltas, self.adapters, cfg.base_model, extras)
+            if cfg.merge_into_base:
+                import shutil
+
+                shutil.rmtree(tmp / ".adapter")
+            self.report["timings"]["write"] = time.perf_counter() - start
+            write_report(tmp, self.report)
+        return Path(out)
+
+
+def _peak_memory() -> dict:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"cpu_max_rss_mb": rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024}
+    if torch.cuda.is_available():
+        peak["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def resolve_heads(adapters: list[LoraAdapter], policy: str):
+    """What each model variant uses for PEFT ``modules_to_save`` copies, and what gets written.
+
+    Returns (own overrides per adapter, merged-model overrides per task, {output sub-dir: tensors}).
+    """
+    own = [dict(a.extra_tensors) for a in adapters]
+    carriers = [a for a in adapters if a.extra_tensors]
+    names = [a.name for a in adapters]
+    if not carriers or policy == "drop":
+        return own, [{} for _ in adapters], {"": {}}
+    if policy == "per_adapter":
+        return own, own, {a.name: dict(a.extra_tensors) for a in adapters}
+    if policy in names:
+        chosen = adapters[names.index(policy)].extra_tensors
+        return own, [chosen for _ in adapters], {"": dict(chosen)}
+    if policy != "auto":
+        raise IterisError(f"modules_to_save must be auto, per_adapter, drop or an adapter name {names}, got '{policy}'")
+    reference = carriers[0].extra_tensors
+    for other in carriers[1:]:
+        same = set(other.extra_tensors) == set(reference) and all(
+            torch.equal(other.extra_tensors[k], reference[k]) for k in reference
+        )
+        if not same:
+            modules = sorted({k.rsplit(".", 1)[0] for k in reference} | {k.rsplit(".", 1)[0] for k in other.extra_tensors})
+            raise IterisError(
+                f"adapters '{carriers[0].name}' and '{other.name}' carry different trained copies of {modules} "
+                "(PEFT modules_to_save, e.g. a task head); one merged adapter can hold only one. Set "
+                "`modules_to_save: per_adapter` to write the merged LoRA once per adapter with that adapter's own "
+                f"copy, `modules_to_save: <adapter name>` to keep one adapter's, or `modules_to_save: drop`"
+            )
+    return own, [reference for _ in adapters], {"": dict(reference)}
+
+
+def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets: list[str], own, merged, report):
+    from . import models
+    from .calibration import Calibration
+
+    missing = [s.name for s in cfg.adapters if not s.data]
+    if missing:
+        raise IterisError(f"this method needs calibration samples: set `data:` for adapter(s) {missing}")
+    texts = []
+    for spec in cfg.adapters:
+        records = load_records(spec.data)
+        texts.append(select_samples(records, cfg.calibration, spec.data, field=spec.field, samples=spec.samples))
+
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, device)
+    all_extras = {k: v for a in adapters for k, v in a.extra_tensors.items()}
+    tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model)
+    model = models.load_base_model(cfg.base_model, adapters[0].task_type, all_extras, dtype, device)
+    layers = models.resolve_layers(model, targets)
+    models.check_layer_shapes(layers, adapters)
+    kind = models.model_kind(model)
+    start_id = models.decoder_start_id(model) if kind == "seq2seq" else None
+
+    samples = [
+        models.tokenize_samples(tokenizer, t, kind, cfg.calibration.max_length, start_id) for t in texts
+    ]
+    for spec, s in zip(cfg.adapters, samples):
+        if not s:
+            raise IterisError(f"adapter '{spec.name}': no calibration sample survived tokenisation")
+    stats_dtype = torch.float64 if cfg.calibration.stats_dtype == "float64" else torch.float32
+    needs_generation = kind == "seq2seq" or (kind == "causal" and cfg.calibration.generate)
+    calib = None
+    try:
+        from .capture import DeltaInjector
+
+        if needs_generation:
+            injector = DeltaInjector(model, layers)
+            for i, adapter in enumerate(adapters):
+                injector.set_variant("own", adapter.modules, own[i])
+                todo = [j for j, smp in enumerate(samples[i]) if kind == "causal" or smp.decoder_ids is None]
+                if not todo:
+                    continue
+                with injector.use("own"):
+                    generated = models.greedy_continuations(
+                        model, [samples[i][j] for j in todo], tokenizer, cfg.calibration.max_new_tokens,
+                        cfg.calibration.batch_size, device,
+                    )
+                for j, smp in zip(todo, generated):
+                    samples[i][j] = smp
+            injector.remove()
+        calib = Calibration(
+            model, layers, samples, [s.name for s in cfg.adapters], tokenizer.pad_token_id,
+            cfg.calibration.batch_size, stats_dtype, cfg.progress, own, merged,
+        )
+        calib.register_adapters(adapters)
+    except BaseException:
+        if calib is not None:
+            calib.close()
+        raise
+    report["calibration"] = {
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "stats_dtype": cfg.calibration.stats_dtype,
+        "model_kind": kind,
+        "layer_groups": len(calib.groups),
+        "layers": len(layers),
+        "shared_input_groups": {g.name: g.members for g in calib.groups if len(g.members) > 1},
+    }
+    for entry, spec, s in zip(report["adapters"], cfg.adapters, samples):
+        entry["samples"] = len(s)
+        entry["tokens"] = sum(len(x.input_ids) + len(x.decoder_ids or []) for x in s)
+        if len(s) < (spec.samples or cfg.calibration.samples):
+            entry["note"] = f"only {len(s)} usable samples in {spec.data}"
+    return calib
+
+
+def merge(config, *, out: str | Path | None = None, force: bool = False, **overrides) -> MergeResult:
+    """Merge the adapters a config names. ``config``: path to YAML, dict or MergeConfig.
+
+    Keyword overrides replace top-level config keys (method, parameters, device, dtype, rank, ...).
+    With ``out``, the result is also saved there (checked before any work starts).
+    """
+    t0 = time.perf_counter()
+    cfg = load_config(config)
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise IterisError(f"unknown option '{key}'")
+        if value is not None:
+            setattr(cfg, key, value)
+    spec = get_method(cfg.method)
+    params = spec.parse_params(cfg.parameters)
+    if out is not None:
+        check_output_dir(out, force)
+
+    adapters = [load_adapter(s.name, s.path) for s in cfg.adapters]
+    check_compatible(adapters)
+    targets = target_modules(adapters)
+    own, merged, heads = resolve_heads(adapters, cfg.modules_to_save)
+    weights = [float(s.weight) for s in cfg.adapters]
+    report: dict = {
+        "method": spec.name,
+        "parameters": asdict(params),
+        "base_model": cfg.base_model,
+        "adapters": [
+            {
+                "name": a.name,
+                "path": str(a.path),
+                "weight": w,
+                "layers": len(a.modules),
+                "ranks": sorted(set(a.ranks.values())),
+                "data": s.data,
+            }
+            for a, w, s in zip(adapters, weights, cfg.adapters)
+        ],
+        "layers": len(targets),
+        "timings": {},
+    }
+
+    calib = None
+    try:
+        if spec.needs_calibration:
+            calib = _prepare_calibration(cfg, adapters, targets, own, merged, report)
+        report["timings"]["load"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        ctx = MergeContext(
+            adapters=adapters, weights=weights, targets=targets, params=params, calibration=calib,
+            progress=cfg.progress,
+        )
+        raw = spec.fn(ctx)
+        report["timings"]["merge"] = time.perf_counter() - t1
+        if calib is not None:
+            report["timings"]["capture"] = calib.capture_seconds
+            report["timings"]["solve"] = report["timings"]["merge"] - calib.capture_seconds
+        report.update(ctx.report)
+    finally:
+        if calib is not None:
+            calib.close()
+
+    t2 = time.perf_counter()
+    deltas, errors = to_lora(raw, cfg.rank, default_rank=lambda n: sum(l.rank for l in ctx.loras(n) if l is not None))
+    report["timings"]["compress"] = time.perf_counter() - t2
+    report["output"] = {
+        "exact": all(e == 0.0 for e in errors.values()),
+        "ranks": {name: d.rank for name, d in deltas.items()},
+        "relative_error": errors,
+        "modules_to_save": cfg.modules_to_save if any(heads.values()) else None,
+    }
+    report["peak_memory"] = _peak_memory()
+    report["timings"]["total"] = time.perf_counter() - t0
+    report["summary"] = summarize(report)
+    result = MergeResult(deltas=deltas, report=report, config=cfg, adapters=adapters, heads=heads)
+    if out is not None:
+        result.save(out, force=force)
+    return result
+
+
+def to_lora(raw: dict, rank: int | None, default_rank) -> tuple[dict[str, LowRankDelta], dict[str, float]]:
+    """LoRA factors for every layer: exact for factored results unless ``rank`` asks for compression;
+    dense results (TIES, DARE, with_pretrain_matrix) are truncated to ``rank`` or sum(r_i)."""
+    deltas, errors = {}, {}
+    for name, delta in raw.items():
+        k = rank if rank is not None else (default_rank(name) if isinstance(delta, DenseDelta) else None)
+        deltas[name], errors[name] = delta.to_lora(k)
+    return deltas, errors
+
+
+def summarize(report: dict) -> str:
+    adapters = report["adapters"]
+    parts = [
+        f"Merged {len(adapters)} adapters ({', '.join(a['name'] for a in adapters)}) with {report['method']} "
+        f"over {report['layers']} layers."
+    ]
+    if "samples" in adapters[0]:
+        parts.append(
+            "Calibration: "
+            + ", ".join(f"{a['name']} {a['samples']} samples / {a['tokens']} tokens" for a in adapters)
+            + "."
+        )
+    its = report.get("iterations")
+    if its and len(its) > 1:
+        parts.append(
+            f"{len(its) - 1} inference-solving iterations after the initial solve; the merged deltas moved by "
+            f"{its[-1]['relative_change']:.2e} (relative) in the last one."
+        )
+    out = report["output"]
+    ranks = sorted(set(out["ranks"].values()))
+    if out["exact"]:
+        parts.append(f"The merged LoRA is exact, rank {ranks[0] if len(ranks) == 1 else ranks}.")
+    else:
+        worst = max(out["relative_error"].values())
+        parts.append(f"The merged LoRA has rank {ranks}; its worst layer's relative SVD error is {worst:.2e}.")
+    t = report["timings"]
+    parts.append(f"Took {t['total']:.1f} s; peak memory {report['peak_memory']['cpu_max_rss_mb']:.0f} MB RSS.")
+    return " ".join(parts)

@@ -1,0 +1,136 @@
+"""IterIS: alternate between running the merged model (inference) and per-layer closed-form solves."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..capture import GroupStats
+from ..deltas import relative_change
+from ..errors import IterisError
+from ..solve import TaskLayerStats, adaptive_weight, iteris_solve, regularize
+from .base import MergeContext, param, register
+
+
+@dataclass
+class IterISParams:
+    iterations: int = param(
+        10, "inference-solving rounds after the initial solve (0: the initial, RegMean-like solve only)"
+    )
+    gamma: float = param(0.0, "Xh = (1 - gamma) X_merged + gamma X_own: pulls the inputs back to each adapter's own")
+    alpha1: float = param(1e-7, "Tikhonov weight on X^T Xh, times its Frobenius norm")
+    alpha2: float = param(1e-7, "Tikhonov weight on Xh^T Xh, times its Frobenius norm")
+    adaptive_weights: bool = param(True, "c_i = ||W0 + dW_i||^2 / ||X_i (W0 + dW_i)^T||^2, balancing task scales")
+    with_pretrain_matrix: bool = param(False, "fit the whole weight W0 + dW instead of the delta (dense result)")
+    tol: float | None = param(None, "stop early once the merged deltas change by less than this (relative)")
+
+    def validate(self):
+        if self.iterations < 0:
+            raise IterisError("iteris: iterations must be >= 0")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise IterisError(f"iteris: gamma must be in [0, 1], got {self.gamma}")
+        if self.alpha1 < 0 or self.alpha2 < 0:
+            raise IterisError("iteris: alpha1 and alpha2 must be >= 0")
+        if self.tol is not None and self.tol <= 0:
+            raise IterisError("iteris: tol must be > 0")
+
+
+def _task_weights(ctx: MergeContext, per_task: list[dict[str, GroupStats]]) -> dict[str, list[float]]:
+    """c_i per layer, fixed for the run: it depends only on each adapter's own inputs."""
+    calib = ctx.calibration
+    coef = {}
+    for name in ctx.targets:
+        group = calib.group_of[name]
+        row = []
+        for stats, lora, manual in zip(per_task, ctx.loras(name), ctx.weights):
+            if not ctx.params.adaptive_weights:
+                row.append(manual)
+                continue
+            W = calib.base_weight(name).to(torch.float64)
+            if lora is not None:
+                W = W + lora.delta().to(W.device)
+            row.append(manual * adaptive_weight(W, stats[group].gram))
+        coef[name] = row
+    return coef
+
+
+def _solve_all(ctx: MergeContext, per_task: list[dict[str, GroupStats]], coef: dict[str, list[float]]):
+    p = ctx.params
+    calib = ctx.calibration
+    deltas, fallbacks = {}, []
+    for name in ctx.targets:
+        group = calib.group_of[name]
+        tasks = []
+        base_rhs = None
+        W0 = calib.base_weight(name).to(torch.float64) if p.with_pretrain_matrix else None
+        for stats, c in zip(per_task, coef[name]):
+            st = stats[group]
+            cross = st.gram if st.same_inputs else st.cross
+            cross_norm = float(torch.linalg.matrix_norm(cross.double())) if (p.alpha1 and cross is not None) else 0.0
+            tasks.append(TaskLayerStats(gram=st.gram, cross_proj=st.proj.get(name), cross_norm=cross_norm, weight=c))
+            if W0 is not None:
+                term = c * (W0 @ regularize(cross, p.alpha1, cross_norm))
+                base_rhs = term if base_rhs is None else base_rhs + term
+        deltas[name], how = iteris_solve(tasks, ctx.loras(name), p.alpha1, p.alpha2, base_weight=W0, base_rhs=base_rhs)
+        if how != "cholesky":
+            fallbacks.append(name)
+    return deltas, fallbacks
+
+
+@register(
+    "iteris",
+    IterISParams,
+    "IterIS (CVPR 2025): iterative inference-solving alignment, closed form per layer (exact, rank sum r_i)",
+    needs_calibration=True,
+)
+def iteris(ctx: MergeContext):
+    p = ctx.params
+    calib = ctx.calibration
+    want_cross = p.alpha1 != 0.0 or p.with_pretrain_matrix
+    history = []
+
+    start = time.perf_counter()
+    per_task = calib.own_statistics(ctx.adapters, projections=True, label="iteration 0")
+    coef = _task_weights(ctx, per_task)
+    deltas, fallbacks = _solve_all(ctx, per_task, coef)
+    del per_task
+    history.append({"iteration": 0, "relative_change": None, "seconds": time.perf_counter() - start})
+
+    converged = False
+    for iteration in range(1, p.iterations + 1):
+        start = time.perf_counter()
+        calib.set_merged(deltas)
+        per_task = [
+            calib.paired_statistics(i, adapter, gamma=p.gamma, want_cross=want_cross, label=f"iteration {iteration}")
+            for i, adapter in enumerate(ctx.adapters)
+        ]
+        new, fallbacks = _solve_all(ctx, per_task, coef)
+        del per_task
+        per_module, diff_total, base_total = {}, 0.0, 0.0
+        for name in ctx.targets:
+            diff, base = relative_change(new[name], deltas[name])
+            per_module[name] = (diff / base) ** 0.5 if base > 0 else 0.0
+            diff_total += diff
+            base_total += base
+        change = (diff_total / base_total) ** 0.5 if base_total > 0 else 0.0
+        history.append(
+            {
+                "iteration": iteration,
+                "relative_change": change,
+                "per_module": per_module,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        deltas = new
+        if p.tol is not None and change < p.tol:
+            converged = True
+            break
+
+    ctx.report["iterations"] = history
+    ctx.report["converged"] = converged if p.tol is not None else None
+    ctx.report["adaptive_weights"] = {name: row for name, row in coef.items()}
+    if fallbacks:
+        ctx.report["singular_layers"] = fallbacks
+    return deltas

@@ -1,0 +1,42 @@
+"""RegMean on LoRA deltas: each layer's update minimises the summed output error on every task's inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import IterisError
+from ..solve import regmean_solve
+from .base import MergeContext, param, register
+
+
+@dataclass
+class RegMeanParams:
+    reduction: float = param(0.9, "scale of the Grams' off-diagonal entries (RegMean's regulariser)")
+    normalize: bool = param(False, "divide each task's Gram by its token count (tasks weigh alike)")
+
+    def validate(self):
+        if not 0.0 <= self.reduction <= 1.0:
+            raise IterisError(f"regmean: reduction must be in [0, 1], got {self.reduction}")
+
+
+@register(
+    "regmean",
+    RegMeanParams,
+    "RegMean: dW = (sum_i dW_i G~_i)(sum_i G~_i)^-1 with input Grams G_i (exact, rank sum r_i)",
+    needs_calibration=True,
+)
+def regmean(ctx: MergeContext):
+    calib = ctx.calibration
+    per_task = calib.own_statistics(ctx.adapters, projections=False, label="regmean")
+    out = {}
+    for name in ctx.targets:
+        group = calib.group_of[name]
+        grams, weights = [], []
+        for stats, w in zip(per_task, ctx.weights):
+            st = stats[group]
+            grams.append(st.gram)
+            weights.append(w / st.tokens if ctx.params.normalize else w)
+        out[name], how = regmean_solve(grams, ctx.loras(name), ctx.params.reduction, weights)
+        if how != "cholesky":
+            ctx.report.setdefault("singular_layers", []).append(name)
+    return out

@@ -1,0 +1,89 @@
+"""TIES and DARE on the dense deltas, with PEFT's merge utilities (the same maths its users know).
+
+These act element-wise, so the result is dense; it becomes a LoRA by truncated SVD (error reported).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from peft.utils import merge_utils
+
+from ..deltas import DenseDelta
+from ..errors import IterisError
+from .base import MergeContext, param, register
+
+
+def _check_density(method: str, density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise IterisError(f"{method}: density must be in (0, 1], got {density}")
+
+
+def _check_sign(method: str, value: str) -> None:
+    if value not in ("total", "frequency"):
+        raise IterisError(f"{method}: majority_sign_method must be 'total' or 'frequency', got '{value}'")
+
+
+def _dense_merge(ctx: MergeContext, combine: Callable, seed: int | None = None) -> dict[str, DenseDelta]:
+    out = {}
+    for index, name in enumerate(ctx.targets):
+        present = [(lora, w) for lora, w in zip(ctx.loras(name), ctx.weights) if lora is not None]
+        tensors = [lora.delta(torch.float32) for lora, _ in present]
+        weights = torch.tensor([w for _, w in present], dtype=torch.float32)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed + index)  # per layer, so a layer's mask does not depend on the others
+            out[name] = DenseDelta(D=combine(tensors, weights))
+    return out
+
+
+@dataclass
+class TiesParams:
+    density: float = param(0.2, "fraction of each delta's largest-magnitude entries kept")
+    majority_sign_method: str = param("total", "'total' (sum of values) or 'frequency' (count of signs)")
+
+    def validate(self):
+        _check_density("ties", self.density)
+        _check_sign("ties", self.majority_sign_method)
+
+
+@register("ties", TiesParams, "TIES: trim to density, elect signs, disjoint mean (dense; SVD to rank)")
+def ties(ctx: MergeContext):
+    p = ctx.params
+    return _dense_merge(
+        ctx, lambda t, w: merge_utils.ties(t, w, p.density, p.majority_sign_method)
+    )
+
+
+@dataclass
+class DareParams:
+    density: float = param(0.5, "probability of keeping each entry (kept entries are rescaled by 1/density)")
+    seed: int = param(0, "seed of the random drop masks")
+
+    def validate(self):
+        _check_density("dare", self.density)
+
+
+@register("dare_linear", DareParams, "DARE: random drop and rescale, then weighted sum (dense; SVD to rank)")
+def dare_linear(ctx: MergeContext):
+    p = ctx.params
+    return _dense_merge(ctx, lambda t, w: merge_utils.dare_linear(t, w, p.density), seed=p.seed)
+
+
+@dataclass
+class DareTiesParams(DareParams):
+    majority_sign_method: str = param("total", "'total' (sum of values) or 'frequency' (count of signs)")
+
+    def validate(self):
+        super().validate()
+        _check_sign("dare_ties", self.majority_sign_method)
+
+
+@register("dare_ties", DareTiesParams, "DARE drop and rescale, then TIES sign election (dense; SVD to rank)")
+def dare_ties(ctx: MergeContext):
+    p = ctx.params
+    return _dense_merge(
+        ctx, lambda t, w: merge_utils.dare_ties(t, w, p.density, p.majority_sign_method), seed=p.seed
+    )

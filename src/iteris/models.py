@@ -1,0 +1,277 @@
+"""Everything that depends on the kind of model lives here: loading, layer access, batches, generation.
+
+Methods and solves see layers and token batches only; no model family is named anywhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import IterisError
+
+# PEFT task_type -> transformers auto class (the class the adapter was trained on fixes module paths).
+_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+_HEAD_NAMES = ("classifier", "score", "qa_outputs")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,  # for exactness checks
+}
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise IterisError(f"unknown dtype '{name}'; use one of float32, bfloat16, float16 or auto")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | None) -> str:
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise IterisError(f"device '{name}' requested but no CUDA GPU is visible; use --device cpu")
+    return name
+
+
+def _num_labels(extra_tensors: dict[str, torch.Tensor]) -> int | None:
+    for key, value in extra_tensors.items():
+        parts = key.split(".")
+        if parts[-1] == "weight" and any(p in _HEAD_NAMES for p in parts[:-1]) and value.ndim == 2:
+            return value.shape[0]
+    return None
+
+
+def load_base_model(path: str, task_type: str | None, extra_tensors: dict, dtype: torch.dtype, device: str):
+    """Load the base model in the class its adapters were trained on, never running remote code."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise IterisError(f"cannot load base model config from '{path}': {exc}") from None
+    auto_name = _AUTO_CLASSES.get(task_type or "")
+    if auto_name is None:
+        auto_name = "AutoModelForSeq2SeqLM" if getattr(config, "is_encoder_decoder", False) else "AutoModelForCausalLM"
+    kwargs = {}
+    num_labels = _num_labels(extra_tensors)
+    if auto_name in ("AutoModelForSequenceClassification", "AutoModelForTokenClassification") and num_labels:
+        kwargs["num_labels"] = num_labels
+    auto_cls = getattr(transformers, auto_name)
+    model = auto_cls.from_pretrained(path, dtype=dtype, **kwargs)
+    model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise IterisError(f"cannot load a tokenizer from '{path}': {exc}; set `tokenizer:` in the config") from None
+    if tok.pad_token_id is None:
+        # Padding is masked out of every statistic, so any id will do.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def is_mergeable_layer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """W0 as (d_out x d_in), whichever way the layer stores it (GPT-2 Conv1D keeps the transpose)."""
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    return module.weight
+
+
+def resolve_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    layers = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise IterisError(
+                f"the adapters target '{name}', which {type(model).__name__} does not have; the adapters were "
+                "trained on another model or another task_type (head class)"
+            ) from None
+        if not is_mergeable_layer(module):
+            raise IterisError(
+                f"'{name}' is a {type(module).__name__}; only linear layers (nn.Linear, Conv1D) can be merged"
+            )
+        layers[name] = module
+    return layers
+
+
+def check_layer_shapes(layers: dict[str, nn.Module], adapters) -> None:
+    for adapter in adapters:
+        for name, lora in adapter.modules.items():
+            d_out, d_in = base_weight(layers[name]).shape
+            if (lora.out_features, lora.in_features) != (d_out, d_in):
+                raise IterisError(
+                    f"adapter '{adapter.name}' has a {lora.out_features}x{lora.in_features} update for '{name}', "
+                    f"but the base model's layer is {d_out}x{d_in}: wrong base model"
+                )
+
+
+def model_kind(model: nn.Module) -> str:
+    """'seq2seq', 'causal' (decoder LM) or 'encoder' (any other forward that takes input_ids)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel"):
+        return "causal"
+    return "encoder"
+
+
+@dataclass
+class TokenSample:
+    """One calibration sample after tokenisation; ``decoder_ids`` only for encoder-decoder models."""
+
+    input_ids: list[int]
+    decoder_ids: list[int] | None = None
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    # Token-validity masks by sequence length: a layer's input rows are selected by the mask whose length
+    # matches its sequence axis (encoder and decoder streams are kept at different lengths).
+    masks: dict[int, torch.Tensor]
+    tokens: int
+
+
+def _pad(seqs: list[list[int]], pad_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def make_batch(samples: list[TokenSample], pad_id: int, device: str) -> Batch:
+    """Right-padded batch; padding never counts, so the statistics do not depend on how samples are grouped."""
+    enc_len = max(len(s.input_ids) for s in samples)
+    ids, mask = _pad([s.input_ids for s in samples], pad_id, enc_len)
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    masks = {enc_len: mask.bool().to(device)}
+    tokens = int(mask.sum())
+    if samples[0].decoder_ids is not None:
+        dec_len = max(len(s.decoder_ids) for s in samples)
+        if dec_len == enc_len:
+            dec_len += 1  # keep the two streams distinguishable by length; the extra position is masked
+        dids, dmask = _pad([s.decoder_ids for s in samples], pad_id, dec_len)
+        inputs["decoder_input_ids"] = dids.to(device)
+        inputs["decoder_attention_mask"] = dmask.to(device)
+        masks[dec_len] = dmask.bool().to(device)
+        tokens = int(dmask.sum()) + tokens
+    return Batch(inputs=inputs, masks=masks, tokens=tokens)
+
+
+def batches(samples: list[TokenSample], batch_size: int, pad_id: int, device: str):
+    for start in range(0, len(samples), batch_size):
+        yield make_batch(samples[start : start + batch_size], pad_id, device)
+
+
+@torch.no_grad()
+def run_forward(model: nn.Module, batch: Batch) -> None:
+    model(**batch.inputs, use_cache=False) if _accepts_use_cache(model) else model(**batch.inputs)
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    return model_kind(model) in ("causal", "seq2seq")
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model: nn.Module, samples: list[TokenSample], tokenizer, max_new_tokens: int, batch_size: int, device: str
+) -> list[TokenSample]:
+    """The model's own greedy outputs: decoder targets (encoder-decoder) or continuations (causal LM)."""
+    kind = model_kind(model)
+    pad_id = tokenizer.pad_token_id
+    out: list[TokenSample] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        length = max(len(s.input_ids) for s in chunk)
+        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(chunk):
+            if kind == "causal":  # generation continues from the right edge: pad on the left
+                ids[row, length - len(s.input_ids) :] = torch.tensor(s.input_ids)
+                mask[row, length - len(s.input_ids) :] = 1
+            else:
+                ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
+                mask[row, : len(s.input_ids)] = 1
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad_id,
+        ).cpu()
+        eos = tokenizer.eos_token_id
+        for row, s in enumerate(chunk):
+            seq = generated[row, length:] if kind == "causal" else generated[row]
+            seq = seq.tolist()
+            if kind == "causal":
+                seq = _cut_at_eos(seq, eos, keep_eos=True)
+                out.append(TokenSample(input_ids=s.input_ids + seq))
+            else:
+                # generate() starts with decoder_start_token_id; stop after EOS and drop trailing padding
+                seq = [seq[0]] + _cut_at_eos(seq[1:], eos, keep_eos=True)
+                out.append(TokenSample(input_ids=s.input_ids, decoder_ids=seq))
+    return out
+
+
+def _cut_at_eos(seq: list[int], eos: int | None, keep_eos: bool) -> list[int]:
+    if eos is not None and eos in seq:
+        return seq[: seq.index(eos) + (1 if keep_eos else 0)]
+    return seq
+
+
+def decoder_start_id(model: nn.Module) -> int:
+    cfg = getattr(model, "generation_config", None)
+    start = getattr(cfg, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        start = model.config.pad_token_id
+    return int(start)
+
+
+def tokenize_samples(tokenizer, samples, kind: str, max_length: int, decoder_start: int | None) -> list[TokenSample]:
+    """Token ids for each TextSample; encoder-decoder targets become teacher-forced decoder inputs."""
+    out = []
+    for sample in samples:
+        ids = tokenizer(sample.text, truncation=True, max_length=max_length)["input_ids"]
+        decoder = None
+        if kind == "seq2seq" and sample.target is not None:
+            target = tokenizer(text_target=sample.target, truncation=True, max_length=max_length - 1)["input_ids"]
+            decoder = [decoder_start] + target
+        if not ids:
+            continue
+        out.append(TokenSample(input_ids=ids, decoder_ids=decoder))
+    return out

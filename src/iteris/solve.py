@@ -1,0 +1,131 @@
+"""The closed-form layer solves of IterIS and RegMean: pure tensor maths, no model, no I/O.
+
+For one target layer and tasks i = 1..N (DESIGN.md §2):
+
+    P  = sum_i c_i dW_i (X_i^T Xh_i + a1 ||X_i^T Xh_i||_F I)
+    Q  = sum_i c_i (Xh_i^T Xh_i + a2 ||Xh_i^T Xh_i||_F I)
+    dW* = P Q^-1
+
+With dW_i = s_i B_i A_i, P = B_cat R where R stacks the rows c_i s_i A_i (X_i^T Xh_i + a1 ||.|| I), so
+dW* = B_cat (R Q^-1): a LoRA of rank sum(r_i), found with sum(r_i) right-hand sides instead of d_out.
+Statistics arrive already reduced (Grams, projected cross terms, norms); solves run in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import LoraModule
+from .deltas import DenseDelta, LowRankDelta
+
+SOLVE_DTYPE = torch.float64
+
+
+@dataclass
+class TaskLayerStats:
+    """What one task contributes to one layer's solve.
+
+    gram:       Xh^T Xh (d_in x d_in), Xh the inputs the merged model's layer sees (mixed by gamma).
+    cross_proj: A_i X^T Xh (r_i x d_in), X the inputs the adapter's own model sees; None if the adapter
+                does not touch this layer (its delta is zero there).
+    cross_norm: ||X^T Xh||_F.
+    weight:     c_i, adaptive weight times the user's manual weight.
+    """
+
+    gram: torch.Tensor
+    cross_proj: torch.Tensor | None
+    cross_norm: float
+    weight: float
+
+
+def adaptive_weight(weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """c = ||W||_F^2 / ||X W^T||_F^2 with ||X W^T||_F^2 = tr(W X^T X W^T): balances tasks of different scale."""
+    W = weight.to(SOLVE_DTYPE)
+    G = gram.to(SOLVE_DTYPE)
+    denom = float(((W @ G) * W).sum())
+    if denom <= 0.0:
+        raise ValueError("adaptive weight undefined: the layer received all-zero inputs")
+    return float(W.pow(2).sum()) / denom
+
+
+def regularize(matrix: torch.Tensor, alpha: float, norm: float | None = None) -> torch.Tensor:
+    """M + alpha * ||M||_F * I: Tikhonov term scaled to the matrix it regularises."""
+    M = matrix.to(SOLVE_DTYPE)
+    if alpha == 0.0:
+        return M
+    if norm is None:
+        norm = float(torch.linalg.matrix_norm(M))
+    return M + (alpha * norm) * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+
+
+def solve_right(Q: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """R Q^-1 for symmetric positive (semi)definite Q, by Cholesky; least squares if Q is singular."""
+    Q = Q.to(SOLVE_DTYPE)
+    R = R.to(SOLVE_DTYPE)
+    L, info = torch.linalg.cholesky_ex(Q)
+    if int(info) == 0:
+        return torch.cholesky_solve(R.T, L).T, "cholesky"
+    # Too few tokens for d_in (or alpha2 = 0): take the minimum-norm solution rather than fail.
+    return torch.linalg.lstsq(Q, R.T, driver="gelsd" if Q.device.type == "cpu" else None).solution.T, "lstsq"
+
+
+def stacked_b(loras: list[LoraModule | None]) -> torch.Tensor:
+    return torch.cat([m.B for m in loras if m is not None], dim=1)
+
+
+def iteris_solve(
+    tasks: list[TaskLayerStats],
+    loras: list[LoraModule | None],
+    alpha1: float,
+    alpha2: float,
+    base_weight: torch.Tensor | None = None,
+    base_rhs: torch.Tensor | None = None,
+) -> tuple[LowRankDelta | DenseDelta, str]:
+    """One layer's IterIS solve.
+
+    Default mode returns the exact factored delta B_cat @ A*. With ``base_weight`` (W0) and ``base_rhs``
+    (sum_i c_i W0 (X_i^T Xh_i + a1 ||.|| I)) the whole weight is fitted (``with_pretrain_matrix``) and the
+    dense update W* - W0 is returned.
+    """
+    Q = sum(t.weight * regularize(t.gram, alpha2) for t in tasks)
+    rows = []
+    for t, lora in zip(tasks, loras):
+        if lora is None:
+            continue
+        proj = t.cross_proj.to(SOLVE_DTYPE)
+        if alpha1 != 0.0:
+            proj = proj + (alpha1 * t.cross_norm) * lora.A.to(SOLVE_DTYPE)
+        rows.append((t.weight * lora.scale) * proj)
+    R = torch.cat(rows, dim=0)
+    B_cat = stacked_b(loras)
+    if base_weight is None:
+        A_star, how = solve_right(Q, R)
+        return LowRankDelta(B=B_cat.float(), A=A_star.float()), how
+    P = base_rhs.to(SOLVE_DTYPE) + B_cat.to(SOLVE_DTYPE) @ R
+    W_star, how = solve_right(Q, P)
+    return DenseDelta(D=(W_star - base_weight.to(SOLVE_DTYPE)).float()), how
+
+
+def reduce_off_diagonal(gram: torch.Tensor, reduction: float) -> torch.Tensor:
+    """RegMean's regulariser: off-diagonal entries scaled by ``reduction``, the diagonal kept."""
+    G = gram.to(SOLVE_DTYPE)
+    return reduction * G + (1.0 - reduction) * torch.diag_embed(torch.diagonal(G))
+
+
+def regmean_solve(
+    grams: list[torch.Tensor],
+    loras: list[LoraModule | None],
+    reduction: float,
+    weights: list[float] | None = None,
+) -> tuple[LowRankDelta, str]:
+    """RegMean on LoRA deltas: dW* = (sum_i dW_i G~_i)(sum_i G~_i)^-1, exactly B_cat @ A*."""
+    weights = weights or [1.0] * len(grams)
+    reduced = [w * reduce_off_diagonal(g, reduction) for g, w in zip(grams, weights)]
+    Q = sum(reduced)
+    R = torch.cat(
+        [lora.scale * lora.A.to(SOLVE_DTYPE) @ g for g, lora in zip(reduced, loras) if lora is not None], dim=0
+    )
+    A_star, how = solve_right(Q, R)
+    return LowRankDelta(B=stacked_b(loras).float(), A=A_star.float()), how
