@@ -64,13 +64,15 @@ class DeltaInjector:
         """Register updates for a variant; tensors move to each layer's device once, here."""
         prepared = {}
         for name, update in updates.items():
-            device = self.layers[name].weight.device
+            weight = self.layers[name].weight
+            # Updates run in float32 at least (as PEFT runs LoRA branches), float64 for a float64 model.
+            to = {"device": weight.device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
             if isinstance(update, LoraModule):
-                prepared[name] = ("lowrank", update.A.to(device), update.B.to(device), update.scale)
+                prepared[name] = ("lowrank", update.A.to(**to), update.B.to(**to), update.scale)
             elif isinstance(update, LowRankDelta):
-                prepared[name] = ("lowrank", update.A.to(device), update.B.to(device), 1.0)
+                prepared[name] = ("lowrank", update.A.to(**to), update.B.to(**to), 1.0)
             else:
-                prepared[name] = ("dense", update.D.to(device), None, 1.0)
+                prepared[name] = ("dense", update.D.to(**to), None, 1.0)
         self.variants[key] = prepared
         self.overrides[key] = dict(overrides or {})
 

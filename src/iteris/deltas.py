@@ -75,7 +75,7 @@ def _tail_error(S: torch.Tensor, k: int) -> float:
 def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> LowRankDelta:
     """Share singular values evenly between the factors, so neither is badly scaled in low precision."""
     root = S.sqrt()
-    return LowRankDelta(B=(U * root).float(), A=(root[:, None] * Vh).float())
+    return LowRankDelta(B=U * root, A=root[:, None] * Vh)
 
 
 def _truncate_factored(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[LowRankDelta, float]:

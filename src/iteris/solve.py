@@ -102,10 +102,10 @@ def iteris_solve(
     B_cat = stacked_b(loras)
     if base_weight is None:
         A_star, how = solve_right(Q, R)
-        return LowRankDelta(B=B_cat.float(), A=A_star.float()), how
+        return LowRankDelta(B=B_cat, A=A_star), how
     P = base_rhs.to(SOLVE_DTYPE) + B_cat.to(SOLVE_DTYPE) @ R
     W_star, how = solve_right(Q, P)
-    return DenseDelta(D=(W_star - base_weight.to(SOLVE_DTYPE)).float()), how
+    return DenseDelta(D=W_star - base_weight.to(SOLVE_DTYPE)), how
 
 
 def reduce_off_diagonal(gram: torch.Tensor, reduction: float) -> torch.Tensor:
@@ -128,4 +128,4 @@ def regmean_solve(
         [lora.scale * lora.A.to(SOLVE_DTYPE) @ g for g, lora in zip(reduced, loras) if lora is not None], dim=0
     )
     A_star, how = solve_right(Q, R)
-    return LowRankDelta(B=stacked_b(loras).float(), A=A_star.float()), how
+    return LowRankDelta(B=stacked_b(loras), A=A_star), how
