@@ -12,6 +12,10 @@ from .errors import IterisError
 def _cmd_merge(args) -> int:
     from .merge import merge
 
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     overrides = {
         "device": args.device,
         "dtype": args.dtype,
