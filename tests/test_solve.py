@@ -1,0 +1,116 @@
+"""solve.py against dense float64 formulas written out directly (DESIGN.md §2), on random matrices."""
+
+import pytest
+import torch
+
+from iteris.adapters import LoraModule
+from iteris.solve import TaskLayerStats, adaptive_weight, iteris_solve, regmean_solve, solve_right
+
+F64 = torch.float64
+
+
+def _problem(seed, n_tasks=3, d_in=12, d_out=9, tokens=40, ranks=(2, 3, 1), missing=()):
+    g = torch.Generator().manual_seed(seed)
+    loras, X, Xt = [], [], []
+    for i in range(n_tasks):
+        r = ranks[i]
+        loras.append(
+            None if i in missing else LoraModule(A=torch.randn(r, d_in, generator=g, dtype=F64),
+                                                 B=torch.randn(d_out, r, generator=g, dtype=F64), scale=0.5 + i)
+        )
+        x = torch.randn(tokens + 5 * i, d_in, generator=g, dtype=F64) * (1 + i)
+        X.append(x)
+        Xt.append(x + 0.3 * torch.randn(x.shape, generator=g, dtype=F64))
+    W0 = torch.randn(d_out, d_in, generator=g, dtype=F64)
+    return loras, X, Xt, W0
+
+
+def _dense_reference(loras, X, Xt, W0, c, gamma, a1, a2, with_pretrain):
+    d_out, d_in = W0.shape
+    eye = torch.eye(d_in, dtype=F64)
+    P = torch.zeros(d_out, d_in, dtype=F64)
+    Q = torch.zeros(d_in, d_in, dtype=F64)
+    for lora, x, xt, ci in zip(loras, X, Xt, c):
+        xh = (1 - gamma) * xt + gamma * x
+        C, G = x.T @ xh, xh.T @ xh
+        dW = lora.scale * lora.B @ lora.A if lora is not None else torch.zeros_like(W0)
+        target = W0 + dW if with_pretrain else dW
+        P += ci * target @ (C + a1 * torch.linalg.norm(C) * eye)
+        Q += ci * (G + a2 * torch.linalg.norm(G) * eye)
+    sol = P @ torch.linalg.inv(Q)
+    return sol - W0 if with_pretrain else sol
+
+
+def _stats(loras, X, Xt, c, gamma):
+    out = []
+    for lora, x, xt, ci in zip(loras, X, Xt, c):
+        xh = (1 - gamma) * xt + gamma * x
+        C = x.T @ xh
+        out.append(TaskLayerStats(gram=xh.T @ xh, cross_proj=None if lora is None else lora.A @ C,
+                                  cross_norm=float(torch.linalg.norm(C)), weight=ci))
+    return out
+
+
+@pytest.mark.parametrize("gamma,a1,a2", [(0.0, 0.0, 0.0), (0.25, 1e-3, 1e-2), (1.0, 0.1, 0.0)])
+@pytest.mark.parametrize("missing", [(), (1,)])
+def test_factored_solve_equals_dense_formula(gamma, a1, a2, missing):
+    loras, X, Xt, W0 = _problem(0, missing=missing)
+    c = [0.7, 1.3, 2.0]
+    delta, how = iteris_solve(_stats(loras, X, Xt, c, gamma), loras, a1, a2)
+    expected = _dense_reference(loras, X, Xt, W0, c, gamma, a1, a2, with_pretrain=False)
+    assert how == "cholesky"
+    assert delta.rank == sum(l.rank for l in loras if l is not None)  # exactly rank sum r_i, no SVD
+    assert torch.allclose(delta.dense(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_with_pretrain_matrix_equals_dense_formula():
+    loras, X, Xt, W0 = _problem(1)
+    c = [1.0, 0.5, 2.0]
+    a1 = 1e-3
+    stats = _stats(loras, X, Xt, c, 0.2)
+    eye = torch.eye(W0.shape[1], dtype=F64)
+    base_rhs = sum(
+        ci * W0 @ ((x.T @ xh) + a1 * torch.linalg.norm(x.T @ xh) * eye)
+        for x, xh, ci in zip(X, [(0.8 * xt + 0.2 * x) for x, xt in zip(X, Xt)], c)
+    )
+    delta, _ = iteris_solve(stats, loras, a1, 1e-3, base_weight=W0, base_rhs=base_rhs)
+    expected = _dense_reference(loras, X, Xt, W0, c, 0.2, a1, 1e-3, with_pretrain=True)
+    assert torch.allclose(delta.dense(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_identical_adapters_merge_to_themselves():
+    loras, X, _, _ = _problem(2)
+    same = [loras[0]] * 3
+    stats = _stats(same, X, X, [1.0, 2.0, 0.5], 0.0)
+    delta, _ = iteris_solve(stats, same, 0.0, 0.0)
+    assert torch.allclose(delta.dense(), same[0].delta(), rtol=1e-9, atol=1e-9)
+
+
+def test_adaptive_weight_formula():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(7, 5, generator=g, dtype=F64)
+    X = torch.randn(30, 5, generator=g, dtype=F64)
+    expected = (W.pow(2).sum() / (X @ W.T).pow(2).sum()).item()
+    assert adaptive_weight(W, X.T @ X) == pytest.approx(expected, rel=1e-12)
+    # scaling the inputs by s scales the weight by 1/s^2: tasks with large activations do not dominate
+    assert adaptive_weight(W, (3 * X).T @ (3 * X)) == pytest.approx(expected / 9, rel=1e-12)
+
+
+def test_regmean_formula():
+    loras, X, _, _ = _problem(4)
+    grams = [x.T @ x for x in X]
+    red = 0.9
+    reduced = [red * G + (1 - red) * torch.diag(torch.diag(G)) for G in grams]
+    expected = sum(l.delta() @ G for l, G in zip(loras, reduced)) @ torch.linalg.inv(sum(reduced))
+    delta, _ = regmean_solve(grams, loras, red)
+    assert torch.allclose(delta.dense(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_singular_system_falls_back_to_least_squares():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 8, generator=g, dtype=F64)  # 3 tokens, 8 features: Gram of rank 3
+    Q = x.T @ x
+    R = torch.randn(2, 8, generator=g, dtype=F64) @ Q  # consistent right-hand side
+    sol, how = solve_right(Q, R)
+    assert how == "lstsq"
+    assert torch.allclose(sol @ Q, R, atol=1e-8)
