@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ..capture import GroupStats
 from ..deltas import relative_change
@@ -56,11 +57,11 @@ def _task_weights(ctx: MergeContext, per_task: list[dict[str, GroupStats]]) -> d
     return coef
 
 
-def _solve_all(ctx: MergeContext, per_task: list[dict[str, GroupStats]], coef: dict[str, list[float]]):
+def _solve_all(ctx: MergeContext, per_task: list[dict[str, GroupStats]], coef: dict[str, list[float]], label: str):
     p = ctx.params
     calib = ctx.calibration
     deltas, fallbacks = {}, []
-    for name in ctx.targets:
+    for name in tqdm(ctx.targets, desc=f"{label}: solve", disable=not ctx.progress, leave=False, unit="layer"):
         group = calib.group_of[name]
         tasks = []
         base_rhs = None
@@ -94,19 +95,20 @@ def iteris(ctx: MergeContext):
     start = time.perf_counter()
     per_task = calib.own_statistics(ctx.adapters, projections=True, label="iteration 0")
     coef = _task_weights(ctx, per_task)
-    deltas, fallbacks = _solve_all(ctx, per_task, coef)
+    deltas, fallbacks = _solve_all(ctx, per_task, coef, "iteration 0")
     del per_task
     history.append({"iteration": 0, "relative_change": None, "seconds": time.perf_counter() - start})
 
     converged = False
-    for iteration in range(1, p.iterations + 1):
+    rounds = tqdm(range(1, p.iterations + 1), desc="IterIS", disable=not ctx.progress or p.iterations == 0, unit="iter")
+    for iteration in rounds:
         start = time.perf_counter()
         calib.set_merged(deltas)
         per_task = [
             calib.paired_statistics(i, adapter, gamma=p.gamma, want_cross=want_cross, label=f"iteration {iteration}")
             for i, adapter in enumerate(ctx.adapters)
         ]
-        new, fallbacks = _solve_all(ctx, per_task, coef)
+        new, fallbacks = _solve_all(ctx, per_task, coef, f"iteration {iteration}")
         del per_task
         per_module, diff_total, base_total = {}, 0.0, 0.0
         for name in ctx.targets:
@@ -124,6 +126,7 @@ def iteris(ctx: MergeContext):
             }
         )
         deltas = new
+        rounds.set_postfix(change=f"{change:.2e}")
         if p.tol is not None and change < p.tol:
             converged = True
             break
