@@ -22,6 +22,8 @@ import iteris
 F64 = torch.float64
 FULL_RANK = 64  # >= min(d_out, d_in) of every layer of the tiny models
 
+pytestmark = pytest.mark.filterwarnings("ignore:The density 1.0 is greater than or equal to 1:UserWarning")
+
 # --------------------------------------------------------------------------------------------
 # Independent reference: PEFT's deltas and dense float64 implementations of each method
 

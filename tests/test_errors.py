@@ -69,6 +69,8 @@ def llama_data(calibration_file):
 
 def _siblings(out):
     """Temporary directories atomic_directory may leave beside ``out``."""
+    if not out.parent.exists():
+        return []
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-") or p.name.startswith(f".{out.name}.old-"))
 
 

@@ -57,7 +57,9 @@ class Calibration:
             out.setdefault(self.group_of[name], {})[name] = lora.A
         return out
 
-    def _run(self, i: int, merged: str | None, projections, gamma: float, want_cross: bool, label: str):
+    def _run(
+        self, i: int, merged: str | None, projections, gamma: float, want_cross: bool, keep_cross: bool, label: str
+    ):
         n_batches = -(-len(self.task_samples[i]) // self.batch_size)
         bar = tqdm(
             total=n_batches,
@@ -75,16 +77,19 @@ class Calibration:
                 projections=projections,
                 gamma=gamma,
                 want_cross=want_cross,
+                keep_cross=keep_cross,
                 progress=bar,
             )
         finally:
             self.capture_seconds += time.perf_counter() - start
             bar.close()
 
-    def own_statistics(self, adapters: list[LoraAdapter], projections: bool, label: str) -> list[dict[str, GroupStats]]:
+    def own_statistics(
+        self, adapters: list[LoraAdapter], projections: bool, label: str, want_cross: bool = False
+    ) -> list[dict[str, GroupStats]]:
         """Each adapter's model on its own samples (X_i^T X_i per layer group, and A_i X_i^T X_i)."""
         return [
-            self._run(i, None, self._projections(a) if projections else {}, 0.0, False, label)
+            self._run(i, None, self._projections(a) if projections else {}, 0.0, want_cross, False, label)
             for i, a in enumerate(adapters)
         ]
 
@@ -93,10 +98,10 @@ class Calibration:
             self.injector.set_variant(f"merged:{i}", deltas, overrides)
 
     def paired_statistics(
-        self, i: int, adapter: LoraAdapter, gamma: float, want_cross: bool, label: str
+        self, i: int, adapter: LoraAdapter, gamma: float, want_cross: bool, label: str, keep_cross: bool = False
     ) -> dict[str, GroupStats]:
         """The merged model and adapter i's model on task i's samples, paired token by token."""
-        return self._run(i, f"merged:{i}", self._projections(adapter), gamma, want_cross, label)
+        return self._run(i, f"merged:{i}", self._projections(adapter), gamma, want_cross, keep_cross, label)
 
     def close(self) -> None:
         self.collector.remove()

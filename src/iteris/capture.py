@@ -168,6 +168,11 @@ class GroupStats:
     proj: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
     same_inputs: bool = False  # X~ == X (no merged model yet): cross == gram
+    cross_norm: float | None = None  # ||X^T Xh||_F, when the cross term was gathered
+
+    @property
+    def cross_or_gram(self) -> torch.Tensor | None:
+        return self.gram if self.same_inputs else self.cross
 
 
 class StatsCollector:
@@ -264,6 +269,7 @@ class StatsCollector:
         projections: dict[str, dict[str, torch.Tensor]],
         gamma: float = 0.0,
         want_cross: bool = False,
+        keep_cross: bool = False,
         progress=None,
     ) -> dict[str, GroupStats]:
         """Statistics of one task's samples.
@@ -272,10 +278,11 @@ class StatsCollector:
         Otherwise each batch runs through the adapter's model (features stashed) and then through the
         merged model on the same tokens, so rows pair up token by token.
         ``projections``: group -> member -> A (r x d_in) whose projected cross terms are wanted.
+        ``want_cross`` gathers ||X^T Xh||_F; ``keep_cross`` also keeps X^T Xh itself (d_in x d_in).
         """
         self._stats = {}
         self._gamma = gamma
-        self._want_cross = want_cross
+        self._want_cross = want_cross or keep_cross
         self._projections = {
             g: {m: A.to(device=self.layers[m].weight.device, dtype=self.stats_dtype) for m, A in members.items()}
             for g, members in projections.items()
@@ -306,5 +313,9 @@ class StatsCollector:
         for group_name, st in stats.items():
             if st.same_inputs:
                 st.proj = {m: A @ st.gram for m, A in self._projections.get(group_name, {}).items()}
+            if self._want_cross:
+                st.cross_norm = float(torch.linalg.matrix_norm(st.cross_or_gram.double()))
+            if not keep_cross:
+                st.cross = None  # only its norm was needed: free d_in^2 per group now
         self._projections = {}
         return stats

@@ -68,11 +68,10 @@ def _solve_all(ctx: MergeContext, per_task: list[dict[str, GroupStats]], coef: d
         W0 = calib.base_weight(name).to(torch.float64) if p.with_pretrain_matrix else None
         for stats, c in zip(per_task, coef[name]):
             st = stats[group]
-            cross = st.gram if st.same_inputs else st.cross
-            cross_norm = float(torch.linalg.matrix_norm(cross.double())) if (p.alpha1 and cross is not None) else 0.0
+            cross_norm = st.cross_norm if p.alpha1 else 0.0
             tasks.append(TaskLayerStats(gram=st.gram, cross_proj=st.proj.get(name), cross_norm=cross_norm, weight=c))
             if W0 is not None:
-                term = c * (W0 @ regularize(cross, p.alpha1, cross_norm))
+                term = c * (W0 @ regularize(st.cross_or_gram, p.alpha1, cross_norm))
                 base_rhs = term if base_rhs is None else base_rhs + term
         deltas[name], how = iteris_solve(tasks, ctx.loras(name), p.alpha1, p.alpha2, base_weight=W0, base_rhs=base_rhs)
         if how != "cholesky":
@@ -89,11 +88,10 @@ def _solve_all(ctx: MergeContext, per_task: list[dict[str, GroupStats]], coef: d
 def iteris(ctx: MergeContext):
     p = ctx.params
     calib = ctx.calibration
-    want_cross = p.alpha1 != 0.0 or p.with_pretrain_matrix
     history = []
 
     start = time.perf_counter()
-    per_task = calib.own_statistics(ctx.adapters, projections=True, label="iteration 0")
+    per_task = calib.own_statistics(ctx.adapters, projections=True, label="iteration 0", want_cross=p.alpha1 != 0.0)
     coef = _task_weights(ctx, per_task)
     deltas, fallbacks = _solve_all(ctx, per_task, coef, "iteration 0")
     del per_task
@@ -105,7 +103,10 @@ def iteris(ctx: MergeContext):
         start = time.perf_counter()
         calib.set_merged(deltas)
         per_task = [
-            calib.paired_statistics(i, adapter, gamma=p.gamma, want_cross=want_cross, label=f"iteration {iteration}")
+            calib.paired_statistics(
+                i, adapter, gamma=p.gamma, want_cross=p.alpha1 != 0.0, keep_cross=p.with_pretrain_matrix,
+                label=f"iteration {iteration}",
+            )
             for i, adapter in enumerate(ctx.adapters)
         ]
         new, fallbacks = _solve_all(ctx, per_task, coef, f"iteration {iteration}")
