@@ -68,7 +68,7 @@ def solve_right(Q: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, str]:
     if int(info) == 0:
         return torch.cholesky_solve(R.T, L).T, "cholesky"
     # Too few tokens for d_in (or alpha2 = 0): take the minimum-norm solution rather than fail.
-    return torch.linalg.lstsq(Q, R.T, driver="gelsd" if Q.device.type == "cpu" else None).solution.T, "lstsq"
+    return R @ torch.linalg.pinv(Q, hermitian=True), "pinv"
 
 
 def stacked_b(loras: list[LoraModule | None]) -> torch.Tensor:
