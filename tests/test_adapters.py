@@ -279,11 +279,6 @@ def test_lowrank_to_lora_at_or_above_rank_is_unchanged():
         assert torch.equal(out.dense(), delta.dense())
 
 
-@pytest.mark.xfail(
-    reason="deltas._truncate_factored: full_matrices=True SVD gives Vh[:k] more rows than S[:k] when "
-    "min(d_out, d_in) < k < rank on a non-square layer; _split raises a size-mismatch RuntimeError",
-    raises=RuntimeError,
-)
 def test_lowrank_to_lora_between_small_side_and_rank():
     delta = _lowrank(16, 32, 24)  # true rank 16
     out, err = delta.to_lora(20)

@@ -451,12 +451,6 @@ def test_data_aware_merge_of_identical_copies_is_the_adapter(setup, calibration_
 # side and the summed rank
 
 
-@pytest.mark.xfail(
-    reason="deltas._truncate_factored: torch.linalg.svd(Rb @ Ra.T) uses full_matrices=True, so for "
-    "min(d_out, d_in) < rank < sum(r_i) on a non-square layer U[:, :rank], S[:rank] and Vh[:rank] have "
-    "different lengths and _split fails with a size-mismatch RuntimeError",
-    raises=RuntimeError,
-)
 def test_exact_merge_compressed_to_rank_above_small_side(tiny_family_dir, adapters_for):
     base = tiny_family_dir("llama")
     paths = adapters_for("llama", 2, seed0=30, r=12, lora_alpha=12)  # sum of ranks 24 > 16 = k_proj's d_out

@@ -275,11 +275,6 @@ def test_yaml_that_is_not_a_mapping(tmp_path, capsys):
     _assert_one_line_error(capsys, code, "mapping")
 
 
-@pytest.mark.xfail(
-    reason="config.load_config embeds str(yaml.YAMLError) in the IterisError; PyYAML's message spans several "
-    "lines (problem + context marks), so the CLI prints a multi-line 'iteris: error:'",
-    strict=True,
-)
 def test_invalid_yaml_is_one_line(tmp_path, capsys):
     cfg = tmp_path / "broken.yaml"
     cfg.write_text("base_model: [base\nmethod: iteris\n")
@@ -287,11 +282,6 @@ def test_invalid_yaml_is_one_line(tmp_path, capsys):
     _assert_one_line_error(capsys, code, "broken.yaml", "YAML")
 
 
-@pytest.mark.xfail(
-    reason="cli._cmd_merge passes --rank to merge() as an override, which skips parse_config's 'rank must be "
-    "a positive integer' check: --rank 0 exits 0 and writes an r=0 adapter",
-    strict=True,
-)
 def test_rank_zero_is_refused(project, tmp_path, capsys):
     proj, elsewhere = project
     code = main(["merge", str(proj / "plain.yaml"), "--out", str(tmp_path / "out"), "--rank", "0",

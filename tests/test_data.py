@@ -267,11 +267,6 @@ def test_only_one_of_prompt_and_response_field(tmp_path, kw):
         select_samples(load_records(p), _spec(**kw), str(p))
 
 
-@pytest.mark.xfail(
-    reason="data.load_records opens CSV/TSV with encoding='utf-8', not 'utf-8-sig': a BOM (Excel's 'CSV UTF-8') "
-    "becomes part of the first column name ('\\ufefftext'), so field 'text' is reported missing",
-    strict=True,
-)
 def test_csv_with_utf8_bom(tmp_path):
     p = tmp_path / "excel.csv"
     p.write_bytes("text,label\nhello there,1\n".encode("utf-8-sig"))
@@ -279,12 +274,6 @@ def test_csv_with_utf8_bom(tmp_path):
     assert _texts(samples) == ["hello there"]
 
 
-@pytest.mark.xfail(
-    reason="README/config.py document prompt_field+response_field for a causal LM as prompt + separator + "
-    "response, but data.select_samples puts the response in TextSample.target and models.tokenize_samples "
-    "uses target only for seq2seq: a causal LM is calibrated on the prompt alone and `separator` is never read",
-    strict=True,
-)
 def test_prompt_response_pairs_reach_a_causal_lm(tiny_family_dir, adapters_for, calibration_file):
     import iteris
     from iteris.models import load_tokenizer

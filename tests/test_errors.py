@@ -136,11 +136,6 @@ def test_string_float_parameter_in_a_merge(llama):
         torch.testing.assert_close(half.deltas[name].dense(), 0.5 * d.dense())
 
 
-@pytest.mark.xfail(
-    reason="methods/iteris.py IterISParams.validate compares with `<`, so alpha1/alpha2 = nan (or 'nan') pass "
-    "and poison every solve; tol = nan likewise passes and silently disables early stopping",
-    strict=True,
-)
 @pytest.mark.parametrize("params", [{"alpha1": "nan"}, {"alpha2": float("nan")}, {"tol": "nan"}])
 def test_nan_parameters_are_refused(params):
     with pytest.raises(IterisError):
@@ -231,12 +226,6 @@ def test_duplicate_default_names_from_paths(llama, tmp_path, no_adapter_loading)
         iteris.merge(cfg)
 
 
-@pytest.mark.xfail(
-    reason="merge.merge applies keyword overrides (and so the CLI's --rank) with setattr after parse_config, "
-    "skipping its checks: rank=0 writes an r=0 adapter PEFT cannot load, rank=-1 silently gives rank "
-    "sum(r_i)-1 through negative slicing in deltas._truncate_factored",
-    strict=True,
-)
 @pytest.mark.parametrize("rank", [0, -1])
 def test_bad_rank_override(llama, tmp_path, no_adapter_loading, rank):
     base, adapters = llama
@@ -244,11 +233,6 @@ def test_bad_rank_override(llama, tmp_path, no_adapter_loading, rank):
         iteris.merge(_cfg(base, adapters), out=tmp_path / "out", rank=rank)
 
 
-@pytest.mark.xfail(
-    reason="config.parse_config validates calibration.samples but not adapters[i].samples: 0 silently falls back "
-    "to calibration.samples and a negative or string value silently uses every record (data.select_samples)",
-    strict=True,
-)
 @pytest.mark.parametrize("samples", [0, -1, "10"])
 def test_bad_per_adapter_samples(llama, llama_data, no_model_loading, samples):
     base, adapters = llama
@@ -324,12 +308,6 @@ def test_adapters_for_another_base_model(tiny_family_dir, adapters_for, llama_da
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(
-    reason="merge.merge never loads or inspects the base model for data-free methods (task_arithmetic, linear, "
-    "ties, ...): llama adapters 'merged' against a gpt2 base_model are written without error, and the "
-    "output adapter cannot be applied to that base",
-    strict=True,
-)
 def test_adapters_for_another_base_model_data_free(tiny_family_dir, adapters_for, tmp_path):
     gpt2 = tiny_family_dir("gpt2")
     adapters = adapters_for("llama", 2)

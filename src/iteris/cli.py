@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except IterisError as exc:
-        print(f"iteris: error: {exc}", file=sys.stderr)
+        print(f"iteris: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("iteris: interrupted; nothing was written", file=sys.stderr)

@@ -52,6 +52,31 @@ class MergeConfig:
     modules_to_save: str = "auto"  # auto | per_adapter | drop | <adapter name>
     progress: bool = True
 
+    def validate(self) -> None:
+        """Checks that hold for any source of values (YAML, dict, keyword overrides)."""
+        c = self.calibration
+        for name in ("samples", "max_length", "batch_size", "max_new_tokens"):
+            _positive_int(f"calibration.{name}", getattr(c, name))
+        if c.stats_dtype not in ("float32", "float64"):
+            raise IterisError("calibration.stats_dtype must be float32 or float64")
+        if not isinstance(self.parameters, dict):
+            raise IterisError("'parameters' must be a mapping of the method's parameters")
+        if self.rank is not None:
+            _positive_int("rank", self.rank)
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise IterisError(f"adapter names must be unique, got {names}")
+        for index, a in enumerate(self.adapters):
+            if isinstance(a.weight, bool) or not isinstance(a.weight, (int, float)) or a.weight != a.weight:
+                raise IterisError(f"adapters[{index}]: 'weight' must be a number, got {a.weight!r}")
+            if a.samples is not None:
+                _positive_int(f"adapters[{index}].samples", a.samples)
+        policies = ("auto", "per_adapter", "drop")
+        if self.modules_to_save not in policies and self.modules_to_save not in names:
+            raise IterisError(
+                f"modules_to_save must be one of {list(policies)} or an adapter name {names}, got '{self.modules_to_save}'"
+            )
+
     def resolve_paths(self, root: Path) -> None:
         """Relative paths in a YAML file are relative to the file, as a user reading it would expect."""
 
@@ -81,9 +106,9 @@ def _build(cls, values: dict, where: str):
         raise IterisError(f"{where}: {exc}") from None
 
 
-def _check_type(where: str, value, kind, name: str):
-    if value is not None and not isinstance(value, kind):
-        raise IterisError(f"{where}: '{name}' must be {kind.__name__ if isinstance(kind, type) else kind}, got {value!r}")
+def _positive_int(where: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise IterisError(f"{where} must be a positive integer, got {value!r}")
 
 
 def parse_config(data: dict, root: Path | None = None) -> MergeConfig:
@@ -100,24 +125,10 @@ def parse_config(data: dict, root: Path | None = None) -> MergeConfig:
     for index, entry in enumerate(adapters_raw):
         if isinstance(entry, dict) and "name" not in entry and "path" in entry:
             entry = {"name": Path(str(entry["path"])).name, **entry}
-        spec = _build(AdapterSpec, entry, f"adapters[{index}]")
-        _check_type(f"adapters[{index}]", spec.weight, (int, float), "weight")
-        adapters.append(spec)
-    names = [a.name for a in adapters]
-    if len(set(names)) != len(names):
-        raise IterisError(f"adapter names must be unique, got {names}")
+        adapters.append(_build(AdapterSpec, entry, f"adapters[{index}]"))
     calibration = _build(CalibrationConfig, data.pop("calibration", None) or {}, "calibration")
-    for name in ("samples", "max_length", "batch_size", "max_new_tokens"):
-        value = getattr(calibration, name)
-        if not isinstance(value, int) or value < 1:
-            raise IterisError(f"calibration.{name} must be a positive integer, got {value!r}")
-    if calibration.stats_dtype not in ("float32", "float64"):
-        raise IterisError("calibration.stats_dtype must be float32 or float64")
     config = _build(MergeConfig, {**data, "adapters": adapters, "calibration": calibration}, "merge config")
-    if not isinstance(config.parameters, dict):
-        raise IterisError("'parameters' must be a mapping of the method's parameters")
-    if config.rank is not None and (not isinstance(config.rank, int) or config.rank < 1):
-        raise IterisError(f"'rank' must be a positive integer, got {config.rank!r}")
+    config.validate()
     if root is not None:
         config.resolve_paths(root)
     return config
@@ -135,5 +146,5 @@ def load_config(source) -> MergeConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise IterisError(f"{path} is not valid YAML: {exc}") from None
+        raise IterisError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     return parse_config(data, root=path.resolve().parent)

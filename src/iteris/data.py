@@ -14,8 +14,9 @@ from .errors import IterisError
 
 @dataclass
 class TextSample:
-    text: str  # what the model (or its encoder) reads
+    text: str  # what the model (or its encoder) reads; the prompt of a prompt/response pair
     target: str | None = None  # encoder-decoder: what the decoder reads, if given
+    joined: str | None = None  # a pair as one text (prompt + separator + response), for decoder-only models
 
 
 def load_records(path: str | Path) -> list[dict]:
@@ -28,18 +29,18 @@ def load_records(path: str | Path) -> list[dict]:
     if suffix in (".jsonl", ".json"):
         return _load_json(p)
     if suffix in (".csv", ".tsv"):
-        with p.open(newline="", encoding="utf-8") as fh:
+        with p.open(newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a BOM
             return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
     if suffix == ".parquet":
         from datasets import Dataset
 
         return Dataset.from_parquet(str(p)).to_list()
     # anything else is plain text, one sample a line
-    return [{"text": line} for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{"text": line} for line in p.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
 
 def _load_json(p: Path) -> list[dict]:
-    text = p.read_text(encoding="utf-8")
+    text = p.read_text(encoding="utf-8-sig")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -101,7 +102,9 @@ def select_samples(
             prompt, response = rec.get(spec.prompt_field), rec.get(spec.response_field)
             if not _usable(prompt):
                 continue
-            sample = TextSample(text=str(prompt), target=str(response) if _usable(response) else None)
+            response = str(response) if _usable(response) else None
+            joined = str(prompt) + spec.separator + response if response is not None else None
+            sample = TextSample(text=str(prompt), target=response, joined=joined)
         else:
             text = rec.get(text_field)
             if not _usable(text):
@@ -112,7 +115,8 @@ def select_samples(
         if len(out) == (samples or spec.samples):
             break
     if not out:
-        raise IterisError(f"calibration data '{source}' has no non-empty '{text_field}' values")
+        what = f"'{spec.prompt_field}'" if use_pair else f"'{text_field}'"
+        raise IterisError(f"calibration data '{source}' has no non-empty {what} values")
     return out
 
 

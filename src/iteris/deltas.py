@@ -82,7 +82,8 @@ def _truncate_factored(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[Low
     """Best rank-``rank`` approximation of B @ A from two thin QRs and a k x k SVD."""
     Qb, Rb = torch.linalg.qr(B)
     Qa, Ra = torch.linalg.qr(A.T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    rank = min(rank, len(S))  # the factors may hold more columns than either side of the layer
     delta = _split(Qb @ U[:, :rank], S[:rank], Vh[:rank] @ Qa.T)
     return delta, _tail_error(S, rank)
 
@@ -93,7 +94,7 @@ def svd_factors(delta: LowRankDelta | DenseDelta, rank: int) -> tuple[torch.Tens
         B, A = delta.B.double(), delta.A.double()
         Qb, Rb = torch.linalg.qr(B)
         Qa, Ra = torch.linalg.qr(A.T)
-        U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+        U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
         U, Vh = Qb @ U, Vh @ Qa.T
     else:
         U, S, Vh = torch.linalg.svd(delta.D.double(), full_matrices=False)

@@ -81,8 +81,6 @@ def resolve_heads(adapters: list[LoraAdapter], policy: str):
     if policy in names:
         chosen = adapters[names.index(policy)].extra_tensors
         return own, [chosen for _ in adapters], {"": dict(chosen)}
-    if policy != "auto":
-        raise IterisError(f"modules_to_save must be auto, per_adapter, drop or an adapter name {names}, got '{policy}'")
     reference = carriers[0].extra_tensors
     for other in carriers[1:]:
         same = set(other.extra_tensors) == set(reference) and all(
@@ -122,7 +120,10 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     start_id = models.decoder_start_id(model) if kind == "seq2seq" else None
 
     samples = [
-        models.tokenize_samples(tokenizer, t, kind, cfg.calibration.max_length, start_id) for t in texts
+        models.tokenize_samples(
+            tokenizer, t, kind, cfg.calibration.max_length, start_id, prompt_only=cfg.calibration.generate
+        )
+        for t in texts
     ]
     for spec, s in zip(cfg.adapters, samples):
         if not s:
@@ -187,6 +188,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
             raise IterisError(f"unknown option '{key}'")
         if value is not None:
             setattr(cfg, key, value)
+    cfg.validate()
     spec = get_method(cfg.method)
     params = spec.parse_params(cfg.parameters)
     if out is not None:
@@ -220,6 +222,10 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     try:
         if spec.needs_calibration:
             calib = _prepare_calibration(cfg, adapters, targets, own, merged, report)
+        else:
+            from .models import check_against_base
+
+            check_against_base(cfg.base_model, adapters, targets)
         report["timings"]["load"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         ctx = MergeContext(

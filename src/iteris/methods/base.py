@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,7 +84,10 @@ def _coerce(method: str, name: str, value, hint):
             if option is int and isinstance(value, (int, str)) and not isinstance(value, bool):
                 return int(value)
             if option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-                return float(value)
+                number = float(value)
+                if math.isfinite(number):
+                    return number
+                continue
             if option is str and isinstance(value, str):
                 return value
         except ValueError:
