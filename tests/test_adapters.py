@@ -231,14 +231,17 @@ def test_dora_is_refused(adapters_for, tmp_path):
     # even when the config flag is gone, the magnitude vectors give it away
     d = copy_adapter(src, tmp_path / "dora")
     edit_config(d, use_dora=False)
-    with pytest.raises(iteris.IterisError, match="DoRA"):
+    with pytest.raises(iteris.IterisError) as info:
         load_adapter("dora", d)
+    assert "DoRA" in re.sub(r"'[^']*'", "", str(info.value))
 
 
 def test_embedding_lora_is_refused(adapters_for):
     (src,) = adapters_for("llama", 1, seed0=21, target_modules=["q_proj", "embed_tokens"])
-    with pytest.raises(iteris.IterisError, match="embedding"):
+    with pytest.raises(iteris.IterisError) as info:
         load_adapter("emb", src)
+    # the explanation itself, not just a quoted tensor name ('...lora_embedding_A'), must say why
+    assert "embedding" in re.sub(r"'[^']*'", "", str(info.value))
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +283,7 @@ def test_lowrank_to_lora_at_or_above_rank_is_unchanged():
 
 
 def test_lowrank_to_lora_between_small_side_and_rank():
+    """Regression: min(d_out, d_in) < k < rank on a non-square layer once raised a size mismatch."""
     delta = _lowrank(16, 32, 24)  # true rank 16
     out, err = delta.to_lora(20)
     assert rel(out.dense(), delta.dense()) < 1e-10

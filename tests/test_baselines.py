@@ -329,10 +329,10 @@ def test_dare_seed_reproducible_and_seed_dependent(setup, method):
         for s in (3, 3, 4)
     ]
     torch.manual_seed(123)
-    before = torch.rand(3)
-    again = iteris.merge(config(base, paths, method, {"density": 0.5, "seed": 3}, WEIGHTS, rank=FULL_RANK))
+    expected_draw = torch.rand(3)
     torch.manual_seed(123)
-    assert torch.equal(torch.rand(3), before), "the merge must not consume the global RNG"
+    again = iteris.merge(config(base, paths, method, {"density": 0.5, "seed": 3}, WEIGHTS, rank=FULL_RANK))
+    assert torch.equal(torch.rand(3), expected_draw), "the merge must leave the global RNG as it found it"
     for name in layer_names(deltas):
         a, b, c = (r.deltas[name].dense() for r in runs)
         assert torch.equal(a, b), name
@@ -447,8 +447,8 @@ def test_data_aware_merge_of_identical_copies_is_the_adapter(setup, calibration_
 
 
 # --------------------------------------------------------------------------------------------
-# Known bug (see the reason): an exact (factored) merge compressed to a rank between a layer's smaller
-# side and the summed rank
+# Regression: an exact (factored) merge compressed to a rank between a layer's smaller side and the
+# summed rank (deltas._truncate_factored once took a full_matrices SVD and failed with a size mismatch)
 
 
 def test_exact_merge_compressed_to_rank_above_small_side(tiny_family_dir, adapters_for):

@@ -66,7 +66,7 @@ def cat(ctx: MergeContext):
 @dataclass
 class SvdParams:
     svd_rank: int | None = param(None, "rank of the result (default: the largest adapter rank, as PEFT)")
-    svd_clamp: float | None = param(None, "clamp factor entries at this quantile of their magnitudes (PEFT)")
+    svd_clamp: float | None = param(None, "clamp factor entries to +-(this quantile of their signed values), as PEFT does")
 
     def validate(self):
         if self.svd_rank is not None and self.svd_rank < 1:

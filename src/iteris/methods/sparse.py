@@ -5,6 +5,8 @@ These act element-wise, so the result is dense; it becomes a LoRA by truncated S
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,15 +28,20 @@ def _check_sign(method: str, value: str) -> None:
         raise IterisError(f"{method}: majority_sign_method must be 'total' or 'frequency', got '{value}'")
 
 
+def _layer_seed(seed: int, name: str) -> int:
+    """A seed per (run seed, layer): masks do not depend on other layers, and seeds s and s+1 share nothing."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") % (2**63)
+
+
 def _dense_merge(ctx: MergeContext, combine: Callable, seed: int | None = None) -> dict[str, DenseDelta]:
     out = {}
-    for index, name in enumerate(ctx.targets):
+    for name in ctx.targets:
         present = [(lora, w) for lora, w in zip(ctx.loras(name), ctx.weights) if lora is not None]
         tensors = [lora.delta(torch.float32) for lora, _ in present]
         weights = torch.tensor([w for _, w in present], dtype=torch.float32)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
-                torch.manual_seed(seed + index)  # per layer, so a layer's mask does not depend on the others
+                torch.manual_seed(_layer_seed(seed, name))
             out[name] = DenseDelta(D=combine(tensors, weights))
     return out
 
