@@ -266,7 +266,8 @@ def to_lora(raw: dict, rank: int | None, default_rank) -> tuple[dict[str, LowRan
     deltas, errors = {}, {}
     for name, delta in raw.items():
         k = rank if rank is not None else (default_rank(name) if isinstance(delta, DenseDelta) else None)
-        deltas[name], errors[name] = delta.to_lora(k)
+        lora, errors[name] = delta.to_lora(k)
+        deltas[name] = LowRankDelta(B=lora.B.cpu(), A=lora.A.cpu())  # results leave the GPU free
     return deltas, errors
 
 

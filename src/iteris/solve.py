@@ -71,8 +71,8 @@ def solve_right(Q: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, str]:
     return R @ torch.linalg.pinv(Q, hermitian=True), "pinv"
 
 
-def stacked_b(loras: list[LoraModule | None]) -> torch.Tensor:
-    return torch.cat([m.B for m in loras if m is not None], dim=1)
+def stacked_b(loras: list[LoraModule | None], device=None) -> torch.Tensor:
+    return torch.cat([m.B.to(device=device, dtype=SOLVE_DTYPE) for m in loras if m is not None], dim=1)
 
 
 def iteris_solve(
@@ -89,6 +89,7 @@ def iteris_solve(
     (sum_i c_i W0 (X_i^T Xh_i + a1 ||.|| I)) the whole weight is fitted (``with_pretrain_matrix``) and the
     dense update W* - W0 is returned.
     """
+    device = tasks[0].gram.device  # statistics stay where they were gathered; adapters may live elsewhere
     Q = sum(t.weight * regularize(t.gram, alpha2) for t in tasks)
     rows = []
     for t, lora in zip(tasks, loras):
@@ -96,16 +97,16 @@ def iteris_solve(
             continue
         proj = t.cross_proj.to(SOLVE_DTYPE)
         if alpha1 != 0.0:
-            proj = proj + (alpha1 * t.cross_norm) * lora.A.to(SOLVE_DTYPE)
+            proj = proj + (alpha1 * t.cross_norm) * lora.A.to(device=device, dtype=SOLVE_DTYPE)
         rows.append((t.weight * lora.scale) * proj)
     R = torch.cat(rows, dim=0)
-    B_cat = stacked_b(loras)
+    B_cat = stacked_b(loras, device)
     if base_weight is None:
         A_star, how = solve_right(Q, R)
         return LowRankDelta(B=B_cat, A=A_star), how
-    P = base_rhs.to(SOLVE_DTYPE) + B_cat.to(SOLVE_DTYPE) @ R
+    P = base_rhs.to(device=device, dtype=SOLVE_DTYPE) + B_cat @ R
     W_star, how = solve_right(Q, P)
-    return DenseDelta(D=W_star - base_weight.to(SOLVE_DTYPE)), how
+    return DenseDelta(D=W_star - base_weight.to(device=device, dtype=SOLVE_DTYPE)), how
 
 
 def reduce_off_diagonal(gram: torch.Tensor, reduction: float) -> torch.Tensor:
@@ -122,10 +123,12 @@ def regmean_solve(
 ) -> tuple[LowRankDelta, str]:
     """RegMean on LoRA deltas: dW* = (sum_i dW_i G~_i)(sum_i G~_i)^-1, exactly B_cat @ A*."""
     weights = weights or [1.0] * len(grams)
+    device = grams[0].device
     reduced = [w * reduce_off_diagonal(g, reduction) for g, w in zip(grams, weights)]
     Q = sum(reduced)
     R = torch.cat(
-        [lora.scale * lora.A.to(SOLVE_DTYPE) @ g for g, lora in zip(reduced, loras) if lora is not None], dim=0
+        [lora.scale * lora.A.to(device=device, dtype=SOLVE_DTYPE) @ g for g, lora in zip(reduced, loras) if lora is not None],
+        dim=0,
     )
     A_star, how = solve_right(Q, R)
-    return LowRankDelta(B=stacked_b(loras), A=A_star), how
+    return LowRankDelta(B=stacked_b(loras, device), A=A_star), how
