@@ -32,6 +32,11 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The models here are tiny: one thread is fastest, and it keeps a busy machine's tests from
+# crawling through OpenMP threads that wait on each other.
+torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
