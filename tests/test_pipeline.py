@@ -126,7 +126,7 @@ def _stats_elements(base, adapter_dirs, n_samples, calibration_file, tmp_path):
     layers = models.resolve_layers(model, target_modules(adapters))
     spec = CalibrationConfig(samples=n_samples)
     samples = [
-        models.tokenize_samples(tok, select_samples(load_records(calibration_file("jsonl", 40, s)), spec, "x"), "causal", 64, None)
+        models.tokenize_samples(tok, select_samples(load_records(calibration_file("jsonl", 40, s)), spec, "x"), model, 64)
         for s in (0, 1)
     ]
     calib = Calibration(model, layers, samples, ["t0", "t1"], tok.pad_token_id, 4, torch.float32, False, [{}, {}], [{}, {}])

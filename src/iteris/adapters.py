@@ -92,6 +92,11 @@ def _check_config(name: str, directory: Path, cfg: dict) -> None:
         )
     if cfg.get("lora_bias"):
         raise IterisError(f"adapter '{name}' ({directory}) trains a bias in lora_B (lora_bias: true), which is not supported")
+    if cfg.get("trainable_token_indices"):
+        raise IterisError(
+            f"adapter '{name}' ({directory}) trains token embeddings (trainable_token_indices), which cannot be "
+            "merged yet; retrain without them or merge those tokens separately"
+        )
     if cfg.get("layer_replication"):
         raise IterisError(f"adapter '{name}' ({directory}) uses layer_replication, which is not supported")
 
@@ -130,6 +135,8 @@ def load_adapter(name: str, path: str | Path) -> LoraAdapter:
                 f"adapter '{name}' has a LoRA on an embedding ('{rest}'); embedding LoRAs are not supported. "
                 "Retrain without the embedding in target_modules"
             )
+        if "token_adapter" in rest or "trainable_tokens" in rest:
+            raise IterisError(f"adapter '{name}' carries trainable token embeddings ('{rest}'), which are not supported")
         if "lora_magnitude_vector" in rest:
             raise IterisError(f"adapter '{name}' carries DoRA magnitude vectors ('{rest}'); DoRA is not supported")
         if rest.endswith(_A_SUFFIX):

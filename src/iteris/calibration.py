@@ -46,7 +46,7 @@ class Calibration:
 
     def register_adapters(self, adapters: list[LoraAdapter]) -> None:
         for i, adapter in enumerate(adapters):
-            self.injector.set_variant(f"own:{i}", adapter.modules, self._own_overrides[i])
+            self.injector.set_variant(f"own:{i}", adapter.modules)
 
     def base_weight(self, name: str) -> torch.Tensor:
         return base_weight(self.layers[name]).detach()
@@ -75,6 +75,8 @@ class Calibration:
                 own_variant=f"own:{i}",
                 merged_variant=merged,
                 projections=projections,
+                own_overrides=self._own_overrides[i],
+                merged_overrides=self.merged_overrides[i],
                 gamma=gamma,
                 want_cross=want_cross,
                 keep_cross=keep_cross,
@@ -94,14 +96,13 @@ class Calibration:
         ]
 
     def set_merged(self, deltas: dict[str, LowRankDelta | DenseDelta]) -> None:
-        for i, overrides in enumerate(self.merged_overrides):
-            self.injector.set_variant(f"merged:{i}", deltas, overrides)
+        self.injector.set_variant("merged", deltas)
 
     def paired_statistics(
         self, i: int, adapter: LoraAdapter, gamma: float, want_cross: bool, label: str, keep_cross: bool = False
     ) -> dict[str, GroupStats]:
         """The merged model and adapter i's model on task i's samples, paired token by token."""
-        return self._run(i, f"merged:{i}", self._projections(adapter), gamma, want_cross, keep_cross, label)
+        return self._run(i, "merged", self._projections(adapter), gamma, want_cross, keep_cross, label)
 
     def close(self) -> None:
         self.collector.remove()

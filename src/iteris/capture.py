@@ -32,9 +32,7 @@ class DeltaInjector:
         self.model = model
         self.layers = layers
         self.variants: dict[str, dict[str, tuple]] = {}
-        self.overrides: dict[str, dict[str, torch.Tensor]] = {}
         self._active: dict[str, tuple] = {}
-        self._originals: dict[str, torch.Tensor] = {}
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in layers.items()]
 
     def _hook(self, name: str):
@@ -55,13 +53,8 @@ class DeltaInjector:
 
         return hook
 
-    def set_variant(
-        self,
-        key: str,
-        updates: dict[str, LoraModule | LowRankDelta | DenseDelta],
-        overrides: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """Register updates for a variant; tensors move to each layer's device once, here."""
+    def set_variant(self, key: str, updates: dict[str, LoraModule | LowRankDelta | DenseDelta]) -> None:
+        """Register a variant's updates; tensors move to each layer's device once, here."""
         prepared = {}
         for name, update in updates.items():
             weight = self.layers[name].weight
@@ -74,31 +67,35 @@ class DeltaInjector:
             else:
                 prepared[name] = ("dense", update.D.to(**to), None, 1.0)
         self.variants[key] = prepared
-        self.overrides[key] = dict(overrides or {})
 
     @contextlib.contextmanager
-    def use(self, key: str | None):
-        """Activate a variant (None: the plain base model) for the duration of the block."""
+    def use(self, key: str | None, overrides: dict[str, torch.Tensor] | None = None):
+        """Activate a variant (None: the plain base model), with whole parameters replaced by
+        ``overrides`` (PEFT modules_to_save copies), for the duration of the block."""
         self._active = self.variants[key] if key is not None else {}
-        swapped = self._swap_in(self.overrides.get(key, {}) if key is not None else {})
+        originals = self._swap_in(overrides or {})
         try:
             yield
         finally:
             self._active = {}
-            self._restore(swapped)
+            self._restore(originals)
 
-    def _swap_in(self, overrides: dict[str, torch.Tensor]) -> list[str]:
+    def _swap_in(self, overrides: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+        """Replace the Parameter objects themselves, never their storage: a tied partner (an embedding
+        sharing lm_head's weight) must keep its own values, as it does in PEFT."""
+        originals = {}
         for path, value in overrides.items():
-            param = self.model.get_parameter(path)
-            self._originals.setdefault(path, param.detach().clone())
-            with torch.no_grad():
-                param.copy_(value.to(param.dtype))
-        return list(overrides)
+            module_path, _, attr = path.rpartition(".")
+            module = self.model.get_submodule(module_path)
+            current = getattr(module, attr)
+            originals[path] = current
+            setattr(module, attr, nn.Parameter(value.to(device=current.device, dtype=current.dtype), requires_grad=False))
+        return originals
 
-    def _restore(self, paths: list[str]) -> None:
-        with torch.no_grad():
-            for path in paths:
-                self.model.get_parameter(path).copy_(self._originals[path])
+    def _restore(self, originals: dict[str, nn.Parameter]) -> None:
+        for path, param in originals.items():
+            module_path, _, attr = path.rpartition(".")
+            setattr(self.model.get_submodule(module_path), attr, param)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -115,16 +112,38 @@ class LayerGroup:
     in_features: int
 
 
-def find_groups(
-    model: nn.Module, layers: dict[str, nn.Module], probe: Batch
-) -> list[LayerGroup]:
-    """Group layers by the identity of the tensor they read, observed on one probe forward pass."""
-    seen: dict[str, torch.Tensor] = {}
+def token_rows(x: torch.Tensor, masks: dict[int, torch.Tensor], where: str) -> torch.Tensor:
+    """The rows of a layer input that are real tokens, padding dropped.
+
+    (batch, tokens, d): the mask whose length matches. (batch * tokens, d), as some layers receive a
+    flattened batch: the flattened mask. (batch, d), a pooled input: every row. Anything else (tokens
+    routed to experts, say) cannot be paired token by token between two models, so it is refused.
+    """
+    if x.ndim == 3:
+        mask = masks.get(x.shape[1])
+        if mask is not None and mask.shape[0] == x.shape[0]:
+            return x[mask]
+    elif x.ndim == 2:
+        for mask in masks.values():
+            if x.shape[0] == mask.numel():
+                return x[mask.reshape(-1)]
+        if any(x.shape[0] == mask.shape[0] for mask in masks.values()):
+            return x
+    raise IterisError(
+        f"layer '{where}' receives an input of shape {tuple(x.shape)}, which is neither (batch, tokens, features) "
+        "nor a flattened or pooled batch; its tokens cannot be told apart from padding or paired between "
+        "models (is it a routed expert?). Leave it out of the merge, or use a data-free method"
+    )
+
+
+def find_groups(model: nn.Module, layers: dict[str, nn.Module], probe: Batch) -> list[LayerGroup]:
+    """Group layers that read the very same tensors, call by call, on one probe forward pass."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     handles = []
 
     def make(name):
         def pre_hook(module, args):
-            seen[name] = args[0]  # holding the reference keeps ids unique for the whole pass
+            seen[name].append(args[0])  # holding the references keeps ids unique for the whole pass
 
         return pre_hook
 
@@ -135,20 +154,22 @@ def find_groups(
     finally:
         for h in handles:
             h.remove()
-    missing = [n for n in layers if n not in seen]
+    missing = [n for n in layers if not seen[n]]
     if missing:
         raise IterisError(
             f"target layers {missing[:3]} never ran on the calibration inputs; they cannot be merged "
             "from data (merge them with a data-free method, or drop them from the adapters)"
         )
-    by_tensor: dict[int, LayerGroup] = {}
+    by_inputs: dict[tuple[int, ...], LayerGroup] = {}
     groups: list[LayerGroup] = []
     for name in layers:
-        tensor = seen[name]
-        group = by_tensor.get(id(tensor))
+        for x in seen[name]:
+            token_rows(x, probe.masks, name)  # refuse unpairable inputs now, before any long work
+        key = tuple(id(x) for x in seen[name])
+        group = by_inputs.get(key)
         if group is None:
-            group = LayerGroup(name=name, members=[], in_features=tensor.shape[-1])
-            by_tensor[id(tensor)] = group
+            group = LayerGroup(name=name, members=[], in_features=seen[name][0].shape[-1])
+            by_inputs[key] = group
             groups.append(group)
         group.members.append(name)
     return groups
@@ -207,30 +228,20 @@ class StatsCollector:
             h.remove()
         self._handles = []
 
-    def _rows(self, group: LayerGroup, x: torch.Tensor) -> torch.Tensor:
-        """The token rows of a layer input, padding dropped."""
-        if x.ndim == 2:
-            return x
-        if x.ndim != 3:
-            raise IterisError(f"layer '{group.name}' receives a {x.ndim}-d input; expected (batch, tokens, features)")
-        mask = self._masks.get(x.shape[1])
-        if mask is None or mask.shape[0] != x.shape[0]:
-            raise IterisError(
-                f"cannot tell which tokens of layer '{group.name}' are padding (input {tuple(x.shape)})"
-            )
-        return x[mask]
-
     def _hook(self, group: LayerGroup):
         def pre_hook(module, args):
             if self._mode is None:
                 return
-            rows = self._rows(group, args[0]).to(self.stats_dtype)
+            rows = token_rows(args[0], self._masks, group.name).to(self.stats_dtype)
             if self._mode == "stash":
                 self._stash.setdefault(group.name, []).append(rows)
             elif self._mode == "single":
                 self._accumulate(group, rows, rows, same=True)
             else:  # "paired": rows are the merged model's, the stash holds the adapter's own
-                own = self._stash[group.name].pop(0)  # a layer may run several times per pass
+                stash = self._stash.get(group.name)
+                if not stash:
+                    raise IterisError(f"layer '{group.name}' ran more often in the merged model than in the adapter's")
+                own = stash.pop(0)  # a layer may run several times per pass
                 if own.shape != rows.shape:
                     raise IterisError(f"layer '{group.name}' saw a different number of tokens in the two models")
                 mixed = rows if self._gamma == 0.0 else (1.0 - self._gamma) * rows + self._gamma * own
@@ -267,6 +278,8 @@ class StatsCollector:
         own_variant: str,
         merged_variant: str | None,
         projections: dict[str, dict[str, torch.Tensor]],
+        own_overrides: dict[str, torch.Tensor] | None = None,
+        merged_overrides: dict[str, torch.Tensor] | None = None,
         gamma: float = 0.0,
         want_cross: bool = False,
         keep_cross: bool = False,
@@ -291,14 +304,14 @@ class StatsCollector:
             for batch in batches:
                 self._masks = batch.masks
                 if merged_variant is None:
-                    with self.injector.use(own_variant):
+                    with self.injector.use(own_variant, own_overrides):
                         self._mode = "single"
                         run_forward(self.model, batch)
                 else:
-                    with self.injector.use(own_variant):
+                    with self.injector.use(own_variant, own_overrides):
                         self._mode = "stash"
                         run_forward(self.model, batch)
-                    with self.injector.use(merged_variant):
+                    with self.injector.use(merged_variant, merged_overrides):
                         self._mode = "paired"
                         run_forward(self.model, batch)
                     self._stash.clear()

@@ -24,7 +24,7 @@ class CalibrationConfig:
     batch_size: int = 8
     generate: bool = False  # causal LMs: append each adapter's own greedy continuation to the sample
     max_new_tokens: int = 64  # for generated decoder targets / continuations
-    stats_dtype: str = "float32"  # accumulation dtype of the statistics (solves always run in float64)
+    stats_dtype: str = "auto"  # statistics' accumulation dtype: auto = float64 on CPU, float32 on GPU (solves: float64)
 
 
 @dataclass
@@ -57,8 +57,8 @@ class MergeConfig:
         c = self.calibration
         for name in ("samples", "max_length", "batch_size", "max_new_tokens"):
             _positive_int(f"calibration.{name}", getattr(c, name))
-        if c.stats_dtype not in ("float32", "float64"):
-            raise IterisError("calibration.stats_dtype must be float32 or float64")
+        if c.stats_dtype not in ("auto", "float32", "float64"):
+            raise IterisError("calibration.stats_dtype must be auto, float32 or float64")
         if not isinstance(self.parameters, dict):
             raise IterisError("'parameters' must be a mapping of the method's parameters")
         if self.rank is not None:
@@ -93,7 +93,7 @@ class MergeConfig:
             a.data = fix(a.data)
 
 
-def _build(cls, values: dict, where: str):
+def build_section(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise IterisError(f"{where} must be a mapping, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -125,9 +125,9 @@ def parse_config(data: dict, root: Path | None = None) -> MergeConfig:
     for index, entry in enumerate(adapters_raw):
         if isinstance(entry, dict) and "name" not in entry and "path" in entry:
             entry = {"name": Path(str(entry["path"])).name, **entry}
-        adapters.append(_build(AdapterSpec, entry, f"adapters[{index}]"))
-    calibration = _build(CalibrationConfig, data.pop("calibration", None) or {}, "calibration")
-    config = _build(MergeConfig, {**data, "adapters": adapters, "calibration": calibration}, "merge config")
+        adapters.append(build_section(AdapterSpec, entry, f"adapters[{index}]"))
+    calibration = build_section(CalibrationConfig, data.pop("calibration", None) or {}, "calibration")
+    config = build_section(MergeConfig, {**data, "adapters": adapters, "calibration": calibration}, "merge config")
     config.validate()
     if root is not None:
         config.resolve_paths(root)

@@ -38,7 +38,7 @@ class LowRankDelta:
     def to_lora(self, rank: int | None = None) -> tuple["LowRankDelta", float]:
         if rank is None or rank >= self.rank:
             return self, 0.0
-        return _truncate_factored(self.B.double(), self.A.double(), rank)
+        return _truncate_factored(self.B, self.A, rank)
 
 
 @dataclass
@@ -78,24 +78,25 @@ def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> LowRankDelta:
     return LowRankDelta(B=U * root, A=root[:, None] * Vh)
 
 
+def _factored_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of B @ A from two thin QRs and a small SVD, never forming B @ A."""
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)  # factors may be wider than the layer
+    return Qb @ U, S, Vh @ Qa.T
+
+
 def _truncate_factored(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[LowRankDelta, float]:
-    """Best rank-``rank`` approximation of B @ A from two thin QRs and a k x k SVD."""
-    Qb, Rb = torch.linalg.qr(B)
-    Qa, Ra = torch.linalg.qr(A.T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
-    rank = min(rank, len(S))  # the factors may hold more columns than either side of the layer
-    delta = _split(Qb @ U[:, :rank], S[:rank], Vh[:rank] @ Qa.T)
-    return delta, _tail_error(S, rank)
+    """Best rank-``rank`` approximation of B @ A."""
+    U, S, Vh = _factored_svd(B, A)
+    rank = min(rank, len(S))
+    return _split(U[:, :rank], S[:rank], Vh[:rank]), _tail_error(S, rank)
 
 
 def svd_factors(delta: LowRankDelta | DenseDelta, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U, S, Vh of a delta truncated to ``rank`` (for methods defined on the SVD, such as PEFT's ``svd``)."""
     if isinstance(delta, LowRankDelta):
-        B, A = delta.B.double(), delta.A.double()
-        Qb, Rb = torch.linalg.qr(B)
-        Qa, Ra = torch.linalg.qr(A.T)
-        U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
-        U, Vh = Qb @ U, Vh @ Qa.T
+        U, S, Vh = _factored_svd(delta.B, delta.A)
     else:
         U, S, Vh = torch.linalg.svd(delta.D.double(), full_matrices=False)
     return U[:, :rank], S[:rank], Vh[:rank]

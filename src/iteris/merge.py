@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .adapters import LoraAdapter, check_compatible, load_adapter, target_modules
-from .config import MergeConfig, load_config
+from .config import CalibrationConfig, MergeConfig, build_section, load_config
 from .data import load_records, select_samples
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
@@ -100,6 +100,7 @@ def resolve_heads(adapters: list[LoraAdapter], policy: str):
 def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets: list[str], own, merged, report):
     from . import models
     from .calibration import Calibration
+    from .capture import DeltaInjector
 
     missing = [s.name for s in cfg.adapters if not s.data]
     if missing:
@@ -113,55 +114,46 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     dtype = models.resolve_dtype(cfg.dtype, device)
     all_extras = {k: v for a in adapters for k, v in a.extra_tensors.items()}
     tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model)
-    model = models.load_base_model(cfg.base_model, adapters[0].task_type, all_extras, dtype, device)
+    model = models.load_base_model(cfg.base_model, adapters[0].task_type, all_extras, dtype, device, tokenizer)
     layers = models.resolve_layers(model, targets)
     models.check_layer_shapes(layers, adapters)
     kind = models.model_kind(model)
-    start_id = models.decoder_start_id(model) if kind == "seq2seq" else None
+    if cfg.calibration.generate and kind == "encoder":
+        raise IterisError("calibration.generate needs a model that generates text; this one is an encoder")
 
-    samples = [
-        models.tokenize_samples(
-            tokenizer, t, kind, cfg.calibration.max_length, start_id, prompt_only=cfg.calibration.generate
-        )
-        for t in texts
-    ]
+    samples = [models.tokenize_samples(tokenizer, t, model, cfg.calibration.max_length, cfg.calibration.generate)
+               for t in texts]
     for spec, s in zip(cfg.adapters, samples):
         if not s:
             raise IterisError(f"adapter '{spec.name}': no calibration sample survived tokenisation")
-    stats_dtype = torch.float64 if cfg.calibration.stats_dtype == "float64" else torch.float32
-    needs_generation = kind == "seq2seq" or (kind == "causal" and cfg.calibration.generate)
+    stats_dtype = cfg.calibration.stats_dtype
+    if stats_dtype == "auto":
+        stats_dtype = "float64" if device == "cpu" else "float32"
     calib = None
+    injector = DeltaInjector(model, layers)
     try:
-        from .capture import DeltaInjector
-
-        if needs_generation:
-            injector = DeltaInjector(model, layers)
-            for i, adapter in enumerate(adapters):
-                injector.set_variant("own", adapter.modules, own[i])
-                todo = [j for j, smp in enumerate(samples[i]) if kind == "causal" or smp.decoder_ids is None]
-                if not todo:
-                    continue
-                with injector.use("own"):
-                    generated = models.greedy_continuations(
-                        model, [samples[i][j] for j in todo], tokenizer, cfg.calibration.max_new_tokens,
-                        cfg.calibration.batch_size, device,
-                    )
-                for j, smp in zip(todo, generated):
-                    samples[i][j] = smp
-            injector.remove()
+        for i, adapter in enumerate(adapters):  # what each adapter's own model writes, where it must
+            injector.set_variant("own", adapter.modules)
+            with injector.use("own", own[i]):
+                samples[i] = models.complete_samples(
+                    model, tokenizer, samples[i], cfg.calibration.generate, cfg.calibration.max_new_tokens,
+                    cfg.calibration.batch_size, device,
+                )
+        injector.remove()
         calib = Calibration(
             model, layers, samples, [s.name for s in cfg.adapters], tokenizer.pad_token_id,
-            cfg.calibration.batch_size, stats_dtype, cfg.progress, own, merged,
+            cfg.calibration.batch_size, getattr(torch, stats_dtype), cfg.progress, own, merged,
         )
         calib.register_adapters(adapters)
     except BaseException:
+        injector.remove()
         if calib is not None:
             calib.close()
         raise
     report["calibration"] = {
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
-        "stats_dtype": cfg.calibration.stats_dtype,
+        "stats_dtype": stats_dtype,
         "model_kind": kind,
         "layer_groups": len(calib.groups),
         "layers": len(layers),
@@ -184,8 +176,10 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     t0 = time.perf_counter()
     cfg = load_config(config)
     for key, value in overrides.items():
-        if not hasattr(cfg, key):
-            raise IterisError(f"unknown option '{key}'")
+        if not hasattr(cfg, key) or key == "adapters":
+            raise IterisError(f"unknown option '{key}'; the keys of a merge config other than 'adapters' can be overridden")
+        if key == "calibration" and isinstance(value, dict):
+            value = build_section(CalibrationConfig, {**asdict(cfg.calibration), **value}, "calibration")
         if value is not None:
             setattr(cfg, key, value)
     cfg.validate()
@@ -243,7 +237,9 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
             calib.close()
 
     t2 = time.perf_counter()
-    deltas, errors = to_lora(raw, cfg.rank, default_rank=lambda n: sum(l.rank for l in ctx.loras(n) if l is not None))
+    # Dense results are cut to sum(r_i) for an adapter, but kept whole (full rank) when folded into the base.
+    dense_rank = (lambda n: None) if cfg.merge_into_base else (lambda n: sum(l.rank for l in ctx.loras(n) if l is not None))
+    deltas, errors = to_lora(raw, cfg.rank, default_rank=dense_rank)
     report["timings"]["compress"] = time.perf_counter() - t2
     report["output"] = {
         "exact": all(e == 0.0 for e in errors.values()),

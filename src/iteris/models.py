@@ -88,10 +88,18 @@ def check_against_base(path: str, adapters, targets: list[str]) -> None:
     check_layer_shapes(resolve_layers(model, targets), adapters)
 
 
-def load_base_model(path: str, task_type: str | None, extra_tensors: dict, dtype: torch.dtype, device: str):
+def load_base_model(
+    path: str, task_type: str | None, extra_tensors: dict, dtype: torch.dtype, device: str, tokenizer=None
+):
     """Load the base model in the class its adapters were trained on, never running remote code."""
     auto_cls, _, kwargs = _auto_class(path, task_type, extra_tensors)
-    model = auto_cls.from_pretrained(path, dtype=dtype, **kwargs)
+    try:
+        model = auto_cls.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as exc:
+        raise IterisError(f"cannot load the base model's weights from '{path}': {exc}") from None
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+        # decoder-only classifiers find each sequence's last token through the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
     model.eval()
     for p in model.parameters():
@@ -175,7 +183,6 @@ class Batch:
     # Token-validity masks by sequence length: a layer's input rows are selected by the mask whose length
     # matches its sequence axis (encoder and decoder streams are kept at different lengths).
     masks: dict[int, torch.Tensor]
-    tokens: int
 
 
 def _pad(seqs: list[list[int]], pad_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +200,6 @@ def make_batch(samples: list[TokenSample], pad_id: int, device: str) -> Batch:
     ids, mask = _pad([s.input_ids for s in samples], pad_id, enc_len)
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     masks = {enc_len: mask.bool().to(device)}
-    tokens = int(mask.sum())
     if samples[0].decoder_ids is not None:
         dec_len = max(len(s.decoder_ids) for s in samples)
         if dec_len == enc_len:
@@ -202,8 +208,7 @@ def make_batch(samples: list[TokenSample], pad_id: int, device: str) -> Batch:
         inputs["decoder_input_ids"] = dids.to(device)
         inputs["decoder_attention_mask"] = dmask.to(device)
         masks[dec_len] = dmask.bool().to(device)
-        tokens = int(dmask.sum()) + tokens
-    return Batch(inputs=inputs, masks=masks, tokens=tokens)
+    return Batch(inputs=inputs, masks=masks)
 
 
 def batches(samples: list[TokenSample], batch_size: int, pad_id: int, device: str):
@@ -248,23 +253,30 @@ def greedy_continuations(
             num_beams=1,
             pad_token_id=pad_id,
         ).cpu()
-        eos = tokenizer.eos_token_id
+        stops = _stop_ids(model, tokenizer)
         for row, s in enumerate(chunk):
             seq = generated[row, length:] if kind == "causal" else generated[row]
             seq = seq.tolist()
             if kind == "causal":
-                seq = _cut_at_eos(seq, eos, keep_eos=True)
-                out.append(TokenSample(input_ids=s.input_ids + seq))
+                out.append(TokenSample(input_ids=s.input_ids + _cut_after_stop(seq, stops)))
             else:
-                # generate() starts with decoder_start_token_id; stop after EOS and drop trailing padding
-                seq = [seq[0]] + _cut_at_eos(seq[1:], eos, keep_eos=True)
-                out.append(TokenSample(input_ids=s.input_ids, decoder_ids=seq))
+                # generate() starts with decoder_start_token_id; stop after the first stop id, drop padding
+                out.append(TokenSample(input_ids=s.input_ids, decoder_ids=[seq[0]] + _cut_after_stop(seq[1:], stops)))
     return out
 
 
-def _cut_at_eos(seq: list[int], eos: int | None, keep_eos: bool) -> list[int]:
-    if eos is not None and eos in seq:
-        return seq[: seq.index(eos) + (1 if keep_eos else 0)]
+def _stop_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Every id that ends generation: the tokenizer's EOS and the generation config's (often several)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def _cut_after_stop(seq: list[int], stops: set[int]) -> list[int]:
+    for position, token in enumerate(seq):
+        if token in stops:
+            return seq[: position + 1]
     return seq
 
 
@@ -278,13 +290,13 @@ def decoder_start_id(model: nn.Module) -> int:
     return int(start)
 
 
-def tokenize_samples(
-    tokenizer, samples, kind: str, max_length: int, decoder_start: int | None, prompt_only: bool = False
-) -> list[TokenSample]:
+def tokenize_samples(tokenizer, samples, model: nn.Module, max_length: int, prompt_only: bool = False) -> list[TokenSample]:
     """Token ids for each TextSample; encoder-decoder targets become teacher-forced decoder inputs.
 
     Decoder-only and encoder models read a prompt/response pair as one text, unless ``prompt_only``
     (the response is then generated by each adapter)."""
+    kind = model_kind(model)
+    decoder_start = decoder_start_id(model) if kind == "seq2seq" else None
     out = []
     for sample in samples:
         text = sample.text if (kind == "seq2seq" or prompt_only or sample.joined is None) else sample.joined
@@ -296,4 +308,24 @@ def tokenize_samples(
         if not ids:
             continue
         out.append(TokenSample(input_ids=ids, decoder_ids=decoder))
+    return out
+
+
+def complete_samples(
+    model: nn.Module, tokenizer, samples: list[TokenSample], generate: bool, max_new_tokens: int, batch_size: int,
+    device: str,
+) -> list[TokenSample]:
+    """Fill in what the running model must write itself: an encoder-decoder's missing decoder targets,
+    or (``generate``) a causal LM's continuations. Call it with the adapter's own model active."""
+    kind = model_kind(model)
+    todo = [
+        j for j, s in enumerate(samples)
+        if (kind == "seq2seq" and s.decoder_ids is None) or (kind == "causal" and generate)
+    ]
+    if not todo:
+        return samples
+    done = greedy_continuations(model, [samples[j] for j in todo], tokenizer, max_new_tokens, batch_size, device)
+    out = list(samples)
+    for j, sample in zip(todo, done):
+        out[j] = sample
     return out

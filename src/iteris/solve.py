@@ -19,6 +19,7 @@ import torch
 
 from .adapters import LoraModule
 from .deltas import DenseDelta, LowRankDelta
+from .errors import IterisError
 
 SOLVE_DTYPE = torch.float64
 
@@ -46,7 +47,7 @@ def adaptive_weight(weight: torch.Tensor, gram: torch.Tensor) -> float:
     G = gram.to(SOLVE_DTYPE)
     denom = float(((W @ G) * W).sum())
     if denom <= 0.0:
-        raise ValueError("adaptive weight undefined: the layer received all-zero inputs")
+        raise IterisError("adaptive weight undefined: a layer received all-zero inputs; set adaptive_weights: false")
     return float(W.pow(2).sum()) / denom
 
 
@@ -58,6 +59,12 @@ def regularize(matrix: torch.Tensor, alpha: float, norm: float | None = None) ->
     if norm is None:
         norm = float(torch.linalg.matrix_norm(M))
     return M + (alpha * norm) * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+
+
+def pretrain_rhs(base_weight: torch.Tensor, cross: torch.Tensor, weight: float, alpha1: float, cross_norm: float) -> torch.Tensor:
+    """One task's W0 term of P in with_pretrain_matrix mode: c_i W0 (X_i^T Xh_i + a1 ||.||_F I)."""
+    W0 = base_weight.to(SOLVE_DTYPE)
+    return weight * (W0 @ regularize(cross.to(W0.device), alpha1, cross_norm))
 
 
 def solve_right(Q: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, str]:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..capture import GroupStats
 from ..deltas import relative_change
 from ..errors import IterisError
-from ..solve import TaskLayerStats, adaptive_weight, iteris_solve, regularize
+from ..solve import TaskLayerStats, adaptive_weight, iteris_solve, pretrain_rhs
 from .base import MergeContext, param, register
 
 
@@ -71,7 +71,7 @@ def _solve_all(ctx: MergeContext, per_task: list[dict[str, GroupStats]], coef: d
             cross_norm = st.cross_norm if p.alpha1 else 0.0
             tasks.append(TaskLayerStats(gram=st.gram, cross_proj=st.proj.get(name), cross_norm=cross_norm, weight=c))
             if W0 is not None:
-                term = c * (W0 @ regularize(st.cross_or_gram, p.alpha1, cross_norm))
+                term = pretrain_rhs(W0, st.cross_or_gram, c, p.alpha1, cross_norm)
                 base_rhs = term if base_rhs is None else base_rhs + term
         deltas[name], how = iteris_solve(tasks, ctx.loras(name), p.alpha1, p.alpha2, base_weight=W0, base_rhs=base_rhs)
         if how != "cholesky":
