@@ -64,14 +64,17 @@ def test_saved_adapter_reloads_in_peft_and_matches_merged_weights(
         assert not torch.allclose(fx.load_base(base_dir, family)[0].double()(**inputs).logits, got, atol=1e-3)
 
 
-def test_statistics_do_not_depend_on_batching_or_padding(tiny_family_dir, adapters_for, calibration_file):
-    base = tiny_family_dir("llama")
-    adapters = adapters_for("llama", 2)
-    data = [calibration_file("jsonl", n=7, seed=s) for s in (0, 1)]
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "bert"])
+def test_statistics_do_not_depend_on_batching_or_padding(family, tiny_family_dir, adapters_for, calibration_file):
+    base = tiny_family_dir(family)
+    adapters = adapters_for(family, 2)
+    data = [calibration_file("jsonl_t5" if family == "t5" else "jsonl", n=7, seed=s) for s in (0, 1)]
     results = []
     for batch_size in (1, 3, 7):
         cfg = _config(base, adapters, data, parameters={"iterations": 1, "alpha1": 1e-5, "alpha2": 1e-5})
         cfg["calibration"]["batch_size"] = batch_size
+        if family == "bert":
+            cfg["modules_to_save"] = "per_adapter"
         results.append(iteris.merge(cfg))
     for other in results[1:]:
         for name, delta in results[0].deltas.items():
