@@ -42,6 +42,22 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate, format_table, load_eval_config, write_results
+
+    cfg = load_eval_config(args.config)
+    for key in ("device", "dtype"):
+        if getattr(args, key):
+            setattr(cfg, key, getattr(args, key))
+    cfg.progress = not args.quiet
+    results = evaluate(cfg)
+    print(format_table(results))
+    if args.out:
+        write_results(results, args.out)
+        print(f"\nresults.json and results.md written to {args.out}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -67,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("methods", help="list merge methods and their parameters")
     ls.set_defaults(func=_cmd_methods)
+
+    e = sub.add_parser("eval", help="score the base model, each task's adapter and merged adapters on task files")
+    e.add_argument("config", help="eval.yaml (base_model, tasks, models); see the README")
+    e.add_argument("--out", help="write results.json and results.md here")
+    e.add_argument("--device")
+    e.add_argument("--dtype")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_cmd_eval)
 
     d = sub.add_parser("demo", help="build a tiny model and adapters, merge them with every method, show a table")
     d.add_argument("--out", default=None, help="also write the IterIS adapter and results.json here")

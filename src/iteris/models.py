@@ -329,3 +329,43 @@ def complete_samples(
     for j, sample in zip(todo, done):
         out[j] = sample
     return out
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, device: str
+) -> list[float]:
+    """Sum of log p(continuation | context) for each (context ids, continuation ids) pair, padding masked.
+
+    Decoder-only models read context + continuation; encoder-decoder models read the context in the
+    encoder and the continuation in the decoder (after the decoder start token)."""
+    kind = model_kind(model)
+    out: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        if kind == "seq2seq":
+            first = decoder_start_id(model)
+            samples = [TokenSample(input_ids=c, decoder_ids=[first] + t) for c, t in chunk]
+            batch = make_batch(samples, pad_id, device)
+            logits = model(**batch.inputs).logits.float().log_softmax(-1)
+            for row, (_, target) in enumerate(chunk):
+                picked = logits[row, torch.arange(len(target)), torch.tensor(target, device=logits.device)]
+                out.append(float(picked.sum()))
+        else:
+            batch = make_batch([TokenSample(input_ids=c + t) for c, t in chunk], pad_id, device)
+            logits = model(**batch.inputs).logits.float().log_softmax(-1)
+            for row, (context, target) in enumerate(chunk):
+                positions = torch.arange(len(context) - 1, len(context) + len(target) - 1)
+                picked = logits[row, positions, torch.tensor(target, device=logits.device)]
+                out.append(float(picked.sum()))
+    return out
+
+
+@torch.no_grad()
+def class_predictions(model: nn.Module, texts_ids: list[list[int]], pad_id: int, batch_size: int, device: str) -> list[int]:
+    """argmax of a classifier head's logits for each tokenised text."""
+    out: list[int] = []
+    for start in range(0, len(texts_ids), batch_size):
+        batch = make_batch([TokenSample(input_ids=ids) for ids in texts_ids[start : start + batch_size]], pad_id, device)
+        out.extend(model(**batch.inputs).logits.argmax(-1).tolist())
+    return out

@@ -1,0 +1,265 @@
+"""``iteris eval``: per-task scores of the base model, each task's own adapter, and merged adapters.
+
+    base_model: path
+    tasks:
+      - {name: sentiment, data: sentiment.jsonl, adapter: adapters/sentiment}   # metric inferred
+      - {name: headlines, data: headlines.jsonl, adapter: adapters/headlines, metric: rouge_l}
+    models:                                     # rows evaluated on every task
+      - {name: iteris, path: merged/iteris}     # a dir with one sub-dir per task is used per task
+
+Task records decide the metric unless ``metric`` is given:
+  {"prompt", "choices", "answer": index}  -> mc_accuracy (highest log-likelihood continuation)
+  {"prompt", "answer": "text"}            -> exact_match (greedy generation; or rouge_l)
+  {"text", "label": index}                -> accuracy (a classifier's head)
+  {"text"}                                -> perplexity (lower is better)
+
+The normalized score of a row on a task is its score divided by the task's own adapter's score
+(the inverse ratio for perplexity), so 1.0 means "as good as the individual adapter".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from . import models
+from .config import build_section
+from .data import load_records
+from .errors import IterisError
+from .metrics import exact_match, rouge_l
+
+METRICS = ("mc_accuracy", "accuracy", "exact_match", "rouge_l", "perplexity")
+
+
+@dataclass
+class EvalTask:
+    name: str
+    data: str
+    adapter: str | None = None  # the task's own adapter (the "individual" row)
+    metric: str | None = None
+    limit: int | None = None  # evaluate only the first N records
+    max_new_tokens: int = 32
+
+
+@dataclass
+class EvalModel:
+    name: str
+    path: str
+
+
+@dataclass
+class EvalConfig:
+    base_model: str
+    tasks: list[EvalTask]
+    models: list[EvalModel] = field(default_factory=list)
+    tokenizer: str | None = None
+    task_type: str | None = None  # defaults to the adapters' own
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    progress: bool = True
+
+
+def load_eval_config(source) -> EvalConfig:
+    if isinstance(source, EvalConfig):
+        return source
+    root = None
+    if not isinstance(source, dict):
+        path = Path(source)
+        if not path.is_file():
+            raise IterisError(f"eval config '{path}' not found")
+        source = yaml.safe_load(path.read_text())
+        root = path.resolve().parent
+    if not isinstance(source, dict) or "base_model" not in source or "tasks" not in source:
+        raise IterisError("an eval config needs base_model and tasks (see `iteris eval --help`)")
+    data = dict(source)
+    tasks = [build_section(EvalTask, t, f"tasks[{i}]") for i, t in enumerate(data.pop("tasks"))]
+    rows = [build_section(EvalModel, m, f"models[{i}]") for i, m in enumerate(data.pop("models", None) or [])]
+    cfg = build_section(EvalConfig, {**data, "tasks": tasks, "models": rows}, "eval config")
+    if root is not None:
+        fix = lambda p: str(root / p) if p and not Path(p).is_absolute() and (root / p).exists() else p
+        cfg.base_model, cfg.tokenizer = fix(cfg.base_model), fix(cfg.tokenizer)
+        for t in cfg.tasks:
+            t.data, t.adapter = fix(t.data), fix(t.adapter)
+        for m in cfg.models:
+            m.path = fix(m.path)
+    for t in cfg.tasks:
+        if t.metric is not None and t.metric not in METRICS:
+            raise IterisError(f"task '{t.name}': unknown metric '{t.metric}'; use one of {list(METRICS)}")
+    return cfg
+
+
+def infer_metric(records: list[dict], task: str) -> str:
+    first = records[0]
+    if "choices" in first and "answer" in first:
+        return "mc_accuracy"
+    if "label" in first and "text" in first:
+        return "accuracy"
+    if "prompt" in first and "answer" in first:
+        return "exact_match"
+    if "text" in first:
+        return "perplexity"
+    raise IterisError(
+        f"task '{task}': cannot tell the metric from the fields {sorted(first)}; use prompt+choices+answer, "
+        "prompt+answer, text+label or text, or set `metric`"
+    )
+
+
+def score(model, tokenizer, records: list[dict], metric: str, max_new_tokens: int, batch_size: int, device: str) -> float:
+    """One model's score on one task's records."""
+    pad = tokenizer.pad_token_id
+    encode = lambda text, special=True: tokenizer(text, add_special_tokens=special)["input_ids"]
+    if metric == "mc_accuracy":
+        pairs, owners = [], []
+        for index, r in enumerate(records):
+            context = encode(r["prompt"])
+            for choice in r["choices"]:
+                pairs.append((context, encode(choice, special=False)))
+                owners.append(index)
+        logps = models.continuation_logprobs(model, pairs, pad, batch_size, device)
+        best: dict[int, tuple[float, int]] = {}
+        counts: dict[int, int] = {}
+        for owner, lp in zip(owners, logps):
+            k = counts.get(owner, 0)
+            counts[owner] = k + 1
+            if owner not in best or lp > best[owner][0]:
+                best[owner] = (lp, k)
+        return sum(best[i][1] == int(r["answer"]) for i, r in enumerate(records)) / len(records)
+    if metric == "accuracy":
+        predictions = models.class_predictions(model, [encode(r["text"]) for r in records], pad, batch_size, device)
+        return sum(p == int(r["label"]) for p, r in zip(predictions, records)) / len(records)
+    if metric in ("exact_match", "rouge_l"):
+        prompts = [models.TokenSample(input_ids=encode(r["prompt"])) for r in records]
+        outputs = models.greedy_continuations(model, prompts, tokenizer, max_new_tokens, batch_size, device)
+        fn = exact_match if metric == "exact_match" else rouge_l
+        total = 0.0
+        for prompt, out, r in zip(prompts, outputs, records):
+            new = out.input_ids[len(prompt.input_ids):] if out.decoder_ids is None else out.decoder_ids[1:]
+            total += fn(tokenizer.decode(new, skip_special_tokens=True), str(r["answer"]))
+        return total / len(records)
+    if metric == "perplexity":
+        pairs = []
+        for r in records:
+            ids = encode(r["text"])
+            if len(ids) > 1:
+                pairs.append((ids[:1], ids[1:]))
+        logps = models.continuation_logprobs(model, pairs, pad, batch_size, device)
+        tokens = sum(len(t) for _, t in pairs)
+        return math.exp(-sum(logps) / tokens)
+    raise IterisError(f"unknown metric '{metric}'")
+
+
+def normalized(value: float, reference: float, metric: str) -> float:
+    if metric == "perplexity":
+        return reference / value if value > 0 else 0.0
+    return value / reference if reference > 0 else 0.0
+
+
+def _adapter_for(path: str, task: str) -> str:
+    per_task = Path(path) / task
+    return str(per_task) if (per_task / "adapter_config.json").is_file() else path
+
+
+def evaluate(source) -> dict:
+    """Scores of the rows base, individual, and every configured model on every task."""
+    from peft import PeftModel
+
+    cfg = load_eval_config(source)
+    records = {}
+    metrics = {}
+    for t in cfg.tasks:
+        recs = load_records(t.data)
+        if not recs:
+            raise IterisError(f"task '{t.name}': '{t.data}' holds no records")
+        records[t.name] = recs[: t.limit] if t.limit else recs
+        metrics[t.name] = t.metric or infer_metric(records[t.name], t.name)
+    adapter_paths: dict[str, str] = {}  # PEFT adapter name -> directory
+    plan: dict[str, dict[str, str | None]] = {"base": {t.name: None for t in cfg.tasks}}
+    if all(t.adapter for t in cfg.tasks):
+        plan["individual"] = {}
+    for t in cfg.tasks:
+        if t.adapter and "individual" in plan:
+            plan["individual"][t.name] = t.adapter
+    for m in cfg.models:
+        plan[m.name] = {t.name: _adapter_for(m.path, t.name) for t in cfg.tasks}
+    for row in plan.values():
+        for path in row.values():
+            if path is not None and path not in adapter_paths.values():
+                if not (Path(path) / "adapter_config.json").is_file():
+                    raise IterisError(f"'{path}' is not a PEFT adapter directory")
+                adapter_paths[f"a{len(adapter_paths)}"] = path
+    names = {path: name for name, path in adapter_paths.items()}
+
+    task_type = cfg.task_type
+    if task_type is None and adapter_paths:
+        task_type = json.loads((Path(next(iter(adapter_paths.values()))) / "adapter_config.json").read_text()).get("task_type")
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, device)
+    tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model)
+    extras = {}
+    for path in adapter_paths.values():  # head sizes come from the adapters' saved heads
+        from .adapters import load_adapter
+
+        extras.update(load_adapter("eval", path).extra_tensors)
+    base = models.load_base_model(cfg.base_model, task_type, extras, dtype, device, tokenizer)
+    model = base
+    if adapter_paths:
+        items = list(adapter_paths.items())
+        model = PeftModel.from_pretrained(base, items[0][1], adapter_name=items[0][0])
+        for name, path in items[1:]:
+            model.load_adapter(path, adapter_name=name)
+        model.eval()
+
+    rows = []
+    total = sum(len(r) for r in plan.values())
+    with tqdm(total=total, desc="eval", disable=not cfg.progress, unit="task") as bar:
+        for row_name, assignment in plan.items():
+            scores = {}
+            for t in cfg.tasks:
+                path = assignment.get(t.name)
+                if path is None and model is not base:
+                    with model.disable_adapter():
+                        value = score(model, tokenizer, records[t.name], metrics[t.name], t.max_new_tokens, cfg.batch_size, device)
+                else:
+                    if path is not None:
+                        model.set_adapter(names[path])
+                    value = score(model, tokenizer, records[t.name], metrics[t.name], t.max_new_tokens, cfg.batch_size, device)
+                scores[t.name] = value
+                bar.update(1)
+            rows.append({"method": row_name, "scores": scores})
+    individual = next((r for r in rows if r["method"] == "individual"), None)
+    for row in rows:
+        if individual is not None:
+            ratios = [normalized(row["scores"][t], individual["scores"][t], metrics[t]) for t in row["scores"]]
+            row["normalized_mean"] = sum(ratios) / len(ratios)
+        else:
+            row["normalized_mean"] = None
+    return {"tasks": [t.name for t in cfg.tasks], "metrics": metrics, "rows": rows, "config": asdict(cfg)}
+
+
+def format_table(results: dict, markdown: bool = False) -> str:
+    tasks = results["tasks"]
+    header = ["method"] + [f"{t} ({results['metrics'][t]})" for t in tasks] + ["normalized mean"]
+    body = []
+    for row in results["rows"]:
+        nm = row.get("normalized_mean")
+        body.append([row["method"]] + [f"{row['scores'][t]:.4g}" for t in tasks] + ["-" if nm is None else f"{nm:.3f}"])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
+
+
+def write_results(results: dict, out: str | Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(format_table(results, markdown=True) + "\n")

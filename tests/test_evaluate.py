@@ -1,0 +1,125 @@
+"""`iteris eval`: metrics by hand, and every model-based score against a one-example-at-a-time computation."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+import fixtures as fx
+import iteris
+from iteris.cli import main
+from iteris.evaluate import evaluate, score
+from iteris.metrics import exact_match, normalize_answer, rouge_l
+from test_reference import _config
+
+
+def test_text_metrics_by_hand():
+    assert normalize_answer("  The Answer!! ") == "the answer"
+    assert exact_match("The answer.", "the  answer") == 1.0
+    assert exact_match("an answer", "the answer") == 0.0
+    # LCS("the cat sat on the mat", "the cat is on the mat") = 5 words: P = R = 5/6
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    # LCS = 2 ("a c"): P = 2/3, R = 2/4 -> F = 2PR/(P+R) = 4/7
+    assert rouge_l("a b c", "a x c y") == pytest.approx(4 / 7)
+    assert rouge_l("", "") == 1.0 and rouge_l("a", "") == 0.0
+
+
+@pytest.fixture
+def llama(load_tiny):
+    model, tok = load_tiny("llama")
+    return model, tok
+
+
+def _logp(model, tok, prompt, choice):
+    ctx = tok(prompt)["input_ids"]
+    cont = tok(choice, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+    return sum(float(logits[len(ctx) - 1 + k, t]) for k, t in enumerate(cont))
+
+
+def test_multiple_choice_accuracy(llama):
+    model, tok = llama
+    sentences = fx.sample_sentences(8, seed=3)
+    records = []
+    for i in range(6):
+        prompt, choices = sentences[i], [sentences[(i + 1) % 8], sentences[(i + 2) % 8], "a"]
+        best = max(range(3), key=lambda k: _logp(model, tok, prompt, choices[k]))
+        answer = best if i % 2 == 0 else (best + 1) % 3  # half right by construction
+        records.append({"prompt": prompt, "choices": choices, "answer": answer})
+    assert score(model, tok, records, "mc_accuracy", 8, batch_size=4, device="cpu") == pytest.approx(0.5)
+
+
+def test_perplexity(llama):
+    model, tok = llama
+    texts = fx.sample_sentences(5, seed=4)
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        nll -= sum(float(logits[k - 1, ids[k]]) for k in range(1, len(ids)))
+        count += len(ids) - 1
+    expected = float(torch.exp(torch.tensor(nll / count)))
+    got = score(model, tok, [{"text": t} for t in texts], "perplexity", 8, batch_size=3, device="cpu")
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_exact_match_of_greedy_generations(llama):
+    model, tok = llama
+    prompts = fx.sample_sentences(4, seed=5)
+    records = []
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        records.append({"prompt": prompt, "answer": text if i % 2 == 0 else text + " extra"})
+    assert score(model, tok, records, "exact_match", 4, batch_size=4, device="cpu") == pytest.approx(0.5)
+
+
+def test_classifier_accuracy(load_tiny):
+    model, tok = load_tiny("bert")
+    texts = fx.sample_sentences(6, seed=6)
+    records = []
+    for i, text in enumerate(texts):
+        with torch.no_grad():
+            pred = int(model(**tok(text, return_tensors="pt")).logits.argmax(-1))
+        records.append({"text": text, "label": pred if i < 4 else (pred + 1) % 3})
+    assert score(model, tok, records, "accuracy", 8, batch_size=4, device="cpu") == pytest.approx(4 / 6)
+
+
+def test_evaluate_base_individual_and_merged_rows(tiny_family_dir, adapters_for, calibration_file, tmp_path):
+    base = tiny_family_dir("llama")
+    adapters = adapters_for("llama", 2)
+    data = [calibration_file("jsonl", 6, s) for s in (0, 1)]
+    iteris.merge(_config(base, adapters, data, parameters={"iterations": 1}, dtype="float32"), out=tmp_path / "merged")
+    tasks = []
+    for i, adapter in enumerate(adapters):
+        path = tmp_path / f"task{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in fx.sample_sentences(4, seed=10 + i)))
+        tasks.append({"name": f"t{i}", "data": str(path), "adapter": str(adapter)})
+    cfg = {"base_model": str(base), "tasks": tasks, "models": [{"name": "iteris", "path": str(tmp_path / "merged")}],
+           "device": "cpu", "dtype": "float32", "progress": False}
+    results = evaluate(cfg)
+    rows = {r["method"]: r for r in results["rows"]}
+    assert list(rows) == ["base", "individual", "iteris"]
+    assert results["metrics"] == {"t0": "perplexity", "t1": "perplexity"}
+    assert rows["individual"]["normalized_mean"] == pytest.approx(1.0)
+
+    # the individual row is each task's own adapter, as PEFT computes it on its own
+    own = PeftModel.from_pretrained(fx.load_base(base, "llama")[0], str(adapters[1])).eval()
+    tok = iteris.models.load_tokenizer(str(base))
+    records = [json.loads(line) for line in open(tasks[1]["data"])]
+    assert rows["individual"]["scores"]["t1"] == pytest.approx(score(own, tok, records, "perplexity", 8, 4, "cpu"), rel=1e-6)
+    base_model = fx.load_base(base, "llama")[0]
+    assert rows["base"]["scores"]["t1"] == pytest.approx(score(base_model, tok, records, "perplexity", 8, 4, "cpu"), rel=1e-6)
+
+    out = tmp_path / "eval"
+    (tmp_path / "eval.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    assert main(["eval", str(tmp_path / "eval.yaml"), "--out", str(out), "--quiet"]) == 0
+    written = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in written["rows"]] == ["base", "individual", "iteris"]
+    assert "| iteris |" in (out / "results.md").read_text()
