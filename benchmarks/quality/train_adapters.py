@@ -37,6 +37,7 @@ def _records(path: Path) -> list[dict]:
 def _to_bf16(directory: Path) -> None:
     from safetensors.torch import load_file, save_file
 
+    (directory / "README.md").unlink(missing_ok=True)  # an empty model card
     f = directory / "adapter_model.safetensors"
     state = {k: (v.to(torch.bfloat16) if "lora_" in k else v) for k, v in load_file(str(f)).items()}
     save_file(state, str(f), metadata={"format": "pt"})
