@@ -29,15 +29,27 @@ DEFAULT_METHODS = {
     "regmean": {"reduction": 0.9},
     "iteris": {"iterations": 10, "alpha1": 1e-7, "alpha2": 1e-7},
 }
+# A sweep on the validation split: row label -> (method, parameters).
+GRID = {
+    **{f"task_arithmetic scale={v}": ("task_arithmetic", {"scale": v}) for v in (0.5, 0.75, 1.0)},
+    **{f"ties density={v}": ("ties", {"density": v}) for v in (0.2, 0.5, 0.8)},
+    **{f"dare_ties density={v}": ("dare_ties", {"density": v, "seed": 0}) for v in (0.3, 0.5, 0.7)},
+    **{f"regmean reduction={v}": ("regmean", {"reduction": v}) for v in (0.5, 0.9, 1.0)},
+    **{f"iteris alpha={v:g}": ("iteris", {"iterations": 10, "alpha1": v, "alpha2": v}) for v in (1e-7, 1e-4, 1e-2)},
+}
+ITERATIONS = {
+    f"iteris iterations={k}": ("iteris", {"iterations": k, "alpha1": 1e-4, "alpha2": 1e-4}) for k in (0, 1, 2, 3, 5, 10, 20)
+}
 
 
 def merge_all(tasks, methods, out: Path, device: str, samples: int, progress: bool) -> dict:
+    """methods: row label -> (method, parameters); each merged adapter is saved under out/merged/<n>."""
     adapters = [
         {"name": t, "path": str(HERE / "adapters" / "smollm2" / t), "data": str(HERE / "data" / t / "calibration.jsonl")}
         for t in tasks
     ]
     timings = {}
-    for method, params in methods.items():
+    for index, (label, (method, params)) in enumerate(methods.items()):
         start = time.perf_counter()
         result = iteris.merge(
             {
@@ -46,9 +58,10 @@ def merge_all(tasks, methods, out: Path, device: str, samples: int, progress: bo
                 "adapters": adapters, "progress": progress,
             }
         )
-        result.save(out / "merged" / method, force=True)
-        timings[method] = {"seconds": time.perf_counter() - start, "report": result.report}
-        print(f"merged with {method} in {timings[method]['seconds']:.1f} s", flush=True)
+        result.save(out / "merged" / str(index), force=True)
+        timings[label] = {"seconds": time.perf_counter() - start, "report": result.report, "method": method,
+                          "parameters": params, "dir": str(out / "merged" / str(index))}
+        print(f"merged {label} in {timings[label]['seconds']:.1f} s", flush=True)
     return timings
 
 
@@ -56,8 +69,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", required=True)
     parser.add_argument("--split", default="test", choices=["val", "test"])
-    parser.add_argument("--params", default=None, help="JSON {method: parameters}")
+    parser.add_argument("--params", default=None, help="JSON {method: parameters} (e.g. chosen on val)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of methods")
+    parser.add_argument("--grid", choices=["hyperparameters", "iterations"], default=None,
+                        help="rows of a sweep instead of one row per method")
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--samples", type=int, default=50)
@@ -65,9 +80,12 @@ def main():
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     tasks = args.tasks.split(",")
-    methods = json.loads(Path(args.params).read_text()) if args.params else dict(DEFAULT_METHODS)
+    chosen = json.loads(Path(args.params).read_text()) if args.params else dict(DEFAULT_METHODS)
     if args.methods:
-        methods = {m: methods.get(m, DEFAULT_METHODS.get(m, {})) for m in args.methods.split(",")}
+        chosen = {m: chosen.get(m, DEFAULT_METHODS.get(m, {})) for m in args.methods.split(",")}
+    methods = {m: (m, p) for m, p in chosen.items()}
+    if args.grid:
+        methods = GRID if args.grid == "hyperparameters" else ITERATIONS
     out = Path(args.out)
     merges = merge_all(tasks, methods, out, args.device, args.samples, not args.quiet)
     eval_cfg = {
@@ -78,14 +96,17 @@ def main():
              "metric": json.loads((HERE / "data" / t / "task.json").read_text())["metric"]}
             for t in tasks
         ],
-        "models": [{"name": m, "path": str(out / "merged" / m)} for m in methods],
+        "models": [{"name": label, "path": merges[label]["dir"]} for label in methods],
         "device": args.device, "dtype": "auto", "batch_size": 16, "progress": not args.quiet,
     }
     start = time.perf_counter()
     results = evaluate(eval_cfg)
     print(f"evaluated in {time.perf_counter() - start:.1f} s", flush=True)
-    results["merge"] = {m: {"parameters": methods[m], "seconds": v["seconds"],
-                            "iterations": v["report"].get("iterations")} for m, v in merges.items()}
+    results["merge"] = {
+        label: {"method": v["method"], "parameters": v["parameters"], "seconds": v["seconds"],
+                "relative_change": [h["relative_change"] for h in v["report"].get("iterations") or []]}
+        for label, v in merges.items()
+    }
     results["split"] = args.split
     write_results(results, out)
     print(format_table(results))
