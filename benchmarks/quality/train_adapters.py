@@ -64,6 +64,15 @@ def _loop(model, batches, steps: int, lr: float, device: str) -> float:
     return sum(last[-20:]) / len(last[-20:])
 
 
+def _train_and_save(model, batches, steps: int, lr: float, device: str, family: str, task: str) -> dict:
+    start = time.perf_counter()
+    loss = _loop(model, batches, steps, lr, device)
+    out = HERE / "adapters" / family / task
+    model.save_pretrained(str(out))
+    _to_bf16(out)
+    return {"task": task, "model": family, "final_loss": loss, "seconds": time.perf_counter() - start}
+
+
 def _cycle(items: list, batch_size: int, seed: int):
     rng = random.Random(seed)
     while True:
@@ -98,13 +107,8 @@ def train_llm(task: str, device: str, steps: int, batch_size: int, seed: int) ->
             ids[row, : len(i)], labels[row, : len(l)], mask[row, : len(i)] = torch.tensor(i), torch.tensor(l), 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    batches = (collate(c) for c in _cycle(examples, batch_size, seed))
-    start = time.perf_counter()
-    loss = _loop(model, batches, steps, 3e-4, device)
-    out = HERE / "adapters" / "smollm2" / task
-    model.save_pretrained(str(out))
-    _to_bf16(out)
-    return {"task": task, "model": "smollm2", "final_loss": loss, "seconds": time.perf_counter() - start}
+    return _train_and_save(model, (collate(c) for c in _cycle(examples, batch_size, seed)), steps, 3e-4, device,
+                           "smollm2", task)
 
 
 def train_encoder(task: str, device: str, steps: int, batch_size: int, seed: int) -> dict:
@@ -124,13 +128,8 @@ def train_encoder(task: str, device: str, steps: int, batch_size: int, seed: int
         enc = tok([t for t, _ in chunk], padding=True, truncation=True, max_length=128, return_tensors="pt")
         return {**enc, "labels": torch.tensor([l for _, l in chunk])}
 
-    batches = (collate(c) for c in _cycle(examples, batch_size, seed))
-    start = time.perf_counter()
-    loss = _loop(model, batches, steps, 1e-3, device)
-    out = HERE / "adapters" / "minilm" / task
-    model.save_pretrained(str(out))
-    _to_bf16(out)
-    return {"task": task, "model": "minilm", "final_loss": loss, "seconds": time.perf_counter() - start}
+    return _train_and_save(model, (collate(c) for c in _cycle(examples, batch_size, seed)), steps, 1e-3, device,
+                           "minilm", task)
 
 
 def main():
