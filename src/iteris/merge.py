@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import resource
 import sys
 import time
@@ -174,7 +175,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     With ``out``, the result is also saved there (checked before any work starts).
     """
     t0 = time.perf_counter()
-    cfg = load_config(config)
+    cfg = copy.deepcopy(load_config(config))  # overrides never change the caller's object
     for key, value in overrides.items():
         if not hasattr(cfg, key) or key == "adapters":
             raise IterisError(f"unknown option '{key}'; the keys of a merge config other than 'adapters' can be overridden")
