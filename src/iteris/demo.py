@@ -161,11 +161,10 @@ def run_demo(out: str | None = None, force: bool = False, quiet: bool = False) -
 
 
 def _table(rows: dict[str, dict[str, float]], tasks: list[str]) -> str:
-    header = ["method"] + tasks + ["mean"]
-    lines = [header]
+    from .evaluate import text_table
+
+    body = []
     for method, scores in rows.items():
         values = [scores[t] for t in tasks]
-        lines.append([method] + [f"{v:.3f}" for v in values] + [f"{sum(values) / len(values):.3f}"])
-    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([fmt(lines[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines[1:]])
+        body.append([method] + [f"{v:.3f}" for v in values] + [f"{sum(values) / len(values):.3f}"])
+    return text_table(["method"] + tasks + ["mean"], body)

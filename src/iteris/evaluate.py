@@ -250,6 +250,11 @@ def format_table(results: dict, markdown: bool = False) -> str:
     for row in results["rows"]:
         nm = row.get("normalized_mean")
         body.append([row["method"]] + [f"{row['scores'][t]:.4g}" for t in tasks] + ["-" if nm is None else f"{nm:.3f}"])
+    return text_table(header, body, markdown)
+
+
+def text_table(header: list[str], body: list[list[str]], markdown: bool = False) -> str:
+    """A table with the first column left-aligned and the rest right-aligned (plain text or markdown)."""
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
