@@ -287,3 +287,17 @@ def test_rank_zero_is_refused(project, tmp_path, capsys):
     code = main(["merge", str(proj / "plain.yaml"), "--out", str(tmp_path / "out"), "--rank", "0",
                  "--method", "task_arithmetic"])
     _assert_one_line_error(capsys, code, "rank")
+
+
+def test_method_override_runs_the_new_method_with_its_defaults(tmp_path, tiny_family_dir, adapters_for, capsys):
+    import yaml
+
+    adapters = adapters_for("llama", 2)
+    cfg = {"base_model": str(tiny_family_dir("llama")), "method": "ties", "parameters": {"density": 0.3},
+           "progress": False, "adapters": [{"name": f"t{i}", "path": str(a)} for i, a in enumerate(adapters)]}
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(path), "--out", str(tmp_path / "o"), "--method", "task_arithmetic", "--quiet"]) == 0
+    report = json.loads((tmp_path / "o" / "merge_report.json").read_text())
+    assert report["method"] == "task_arithmetic" and report["parameters"] == {"scale": 1.0}
+    assert "default parameters" in capsys.readouterr().out

@@ -16,7 +16,14 @@ def _cmd_merge(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    parameters = None
+    if args.method:
+        from .config import load_config
+
+        if load_config(args.config).method != args.method:
+            parameters = {}  # the config's parameters belong to its own method
     overrides = {
+        "parameters": parameters,
         "device": args.device,
         "dtype": args.dtype,
         "rank": args.rank,
@@ -25,6 +32,8 @@ def _cmd_merge(args) -> int:
         "progress": False if args.quiet else None,
     }
     result = merge(args.config, out=args.out, force=args.force, **overrides)
+    if parameters == {}:
+        print(f"--method {args.method} ran with its default parameters (the config's were for another method).")
     print(result.summary)
     print(f"Written to {args.out}")
     return 0
