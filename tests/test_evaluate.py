@@ -123,3 +123,44 @@ def test_evaluate_base_individual_and_merged_rows(tiny_family_dir, adapters_for,
     written = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in written["rows"]] == ["base", "individual", "iteris"]
     assert "| iteris |" in (out / "results.md").read_text()
+
+
+def test_tasks_with_heads_of_different_sizes(tiny_family_dir, adapters_for, calibration_file, tmp_path):
+    """A 3-label and a 2-label classifier on one encoder: merged with per-adapter heads, scored each
+    through its own head (one base model per head size)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = tiny_family_dir("bert")
+    three = adapters_for("bert", 1)[0]
+    torch.manual_seed(0)
+    two_model = get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, ignore_mismatched_sizes=True),
+        LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]),
+    )
+    with torch.no_grad():
+        for name, p in two_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    two_model.save_pretrained(tmp_path / "two")
+    two = tmp_path / "two"
+    data = [calibration_file("jsonl", 6, s) for s in (0, 1)]
+    cfg = _config(base, [three, two], data, parameters={"iterations": 1}, dtype="float32",
+                  modules_to_save="per_adapter")
+    iteris.merge(cfg, out=tmp_path / "merged")
+    tasks = []
+    for name, adapter, labels in (("t0", three, 3), ("t1", two, 2)):
+        path = tmp_path / f"{name}.jsonl"
+        texts = fx.sample_sentences(6, seed=labels)
+        path.write_text("".join(json.dumps({"text": t, "label": i % labels}) + "\n" for i, t in enumerate(texts)))
+        tasks.append({"name": name, "data": str(path), "adapter": str(adapter)})
+    results = evaluate({"base_model": str(base), "tasks": tasks, "device": "cpu", "dtype": "float32", "progress": False,
+                        "models": [{"name": "iteris", "path": str(tmp_path / "merged")}]})
+    rows = {r["method"]: r for r in results["rows"]}
+    tok = iteris.models.load_tokenizer(str(base))
+    own = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, ignore_mismatched_sizes=True), str(two)
+    ).eval()
+    records = [json.loads(line) for line in open(tasks[1]["data"])]
+    assert rows["individual"]["scores"]["t1"] == pytest.approx(score(own, tok, records, "accuracy", 8, 4, "cpu"))
+    assert set(rows["iteris"]["scores"]) == {"t0", "t1"}

@@ -166,10 +166,32 @@ def _adapter_for(path: str, task: str) -> str:
     return str(per_task) if (per_task / "adapter_config.json").is_file() else path
 
 
-def evaluate(source) -> dict:
-    """Scores of the rows base, individual, and every configured model on every task."""
+def _heads(path: str) -> dict:
+    """An adapter's trained modules_to_save tensors (classifier heads), which fix the head's size."""
+    from .adapters import load_adapter
+
+    return load_adapter("eval", path).extra_tensors
+
+
+def _load(cfg: EvalConfig, task_type, paths: list[str], device, dtype, tokenizer):
+    """The base model with the given adapters loaded by PEFT, as PEFT adapter names a0, a1, ..."""
     from peft import PeftModel
 
+    extras = {}
+    for path in paths:
+        extras.update(_heads(path))
+    base = models.load_base_model(cfg.base_model, task_type, extras, dtype, device, tokenizer)
+    if not paths:
+        return base, {}
+    names = {path: f"a{i}" for i, path in enumerate(paths)}
+    model = PeftModel.from_pretrained(base, paths[0], adapter_name=names[paths[0]])
+    for path in paths[1:]:
+        model.load_adapter(path, adapter_name=names[path])
+    return model.eval(), names
+
+
+def evaluate(source) -> dict:
+    """Scores of the rows base, individual, and every configured model on every task."""
     cfg = load_eval_config(source)
     records = {}
     metrics = {}
@@ -179,60 +201,51 @@ def evaluate(source) -> dict:
             raise IterisError(f"task '{t.name}': '{t.data}' holds no records")
         records[t.name] = recs[: t.limit] if t.limit else recs
         metrics[t.name] = t.metric or infer_metric(records[t.name], t.name)
-    adapter_paths: dict[str, str] = {}  # PEFT adapter name -> directory
     plan: dict[str, dict[str, str | None]] = {"base": {t.name: None for t in cfg.tasks}}
     if all(t.adapter for t in cfg.tasks):
-        plan["individual"] = {}
-    for t in cfg.tasks:
-        if t.adapter and "individual" in plan:
-            plan["individual"][t.name] = t.adapter
+        plan["individual"] = {t.name: t.adapter for t in cfg.tasks}
     for m in cfg.models:
         plan[m.name] = {t.name: _adapter_for(m.path, t.name) for t in cfg.tasks}
+    paths_of: dict[str, list[str]] = {t.name: [] for t in cfg.tasks}  # adapters each task needs, in order
     for row in plan.values():
-        for path in row.values():
-            if path is not None and path not in adapter_paths.values():
+        for task, path in row.items():
+            if path is not None and path not in paths_of[task]:
                 if not (Path(path) / "adapter_config.json").is_file():
                     raise IterisError(f"'{path}' is not a PEFT adapter directory")
-                adapter_paths[f"a{len(adapter_paths)}"] = path
-    names = {path: name for name, path in adapter_paths.items()}
-
+                paths_of[task].append(path)
+    all_paths = [p for ps in paths_of.values() for p in ps]
     task_type = cfg.task_type
-    if task_type is None and adapter_paths:
-        task_type = json.loads((Path(next(iter(adapter_paths.values()))) / "adapter_config.json").read_text()).get("task_type")
+    if task_type is None and all_paths:
+        task_type = json.loads((Path(all_paths[0]) / "adapter_config.json").read_text()).get("task_type")
+    # Tasks whose heads differ in size (2 labels here, 5 there) each need a base model of their own.
+    groups: dict[tuple, list[str]] = {}
+    for t in cfg.tasks:
+        heads = _heads(paths_of[t.name][0]) if paths_of[t.name] else {}
+        groups.setdefault(tuple(sorted((k, tuple(v.shape)) for k, v in heads.items())), []).append(t.name)
+
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
     tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model)
-    extras = {}
-    for path in adapter_paths.values():  # head sizes come from the adapters' saved heads
-        from .adapters import load_adapter
-
-        extras.update(load_adapter("eval", path).extra_tensors)
-    base = models.load_base_model(cfg.base_model, task_type, extras, dtype, device, tokenizer)
-    model = base
-    if adapter_paths:
-        items = list(adapter_paths.items())
-        model = PeftModel.from_pretrained(base, items[0][1], adapter_name=items[0][0])
-        for name, path in items[1:]:
-            model.load_adapter(path, adapter_name=name)
-        model.eval()
-
-    rows = []
-    total = sum(len(r) for r in plan.values())
-    with tqdm(total=total, desc="eval", disable=not cfg.progress, unit="task") as bar:
-        for row_name, assignment in plan.items():
-            scores = {}
-            for t in cfg.tasks:
-                path = assignment.get(t.name)
-                if path is None and model is not base:
-                    with model.disable_adapter():
-                        value = score(model, tokenizer, records[t.name], metrics[t.name], t.max_new_tokens, cfg.batch_size, device)
-                else:
-                    if path is not None:
-                        model.set_adapter(names[path])
-                    value = score(model, tokenizer, records[t.name], metrics[t.name], t.max_new_tokens, cfg.batch_size, device)
-                scores[t.name] = value
-                bar.update(1)
-            rows.append({"method": row_name, "scores": scores})
+    by_name = {t.name: t for t in cfg.tasks}
+    scores: dict[str, dict[str, float]] = {row: {} for row in plan}
+    with tqdm(total=len(plan) * len(cfg.tasks), desc="eval", disable=not cfg.progress, unit="task") as bar:
+        for task_names in groups.values():
+            paths = list(dict.fromkeys(p for name in task_names for p in paths_of[name]))
+            model, names = _load(cfg, task_type, paths, device, dtype, tokenizer)
+            for row_name, assignment in plan.items():
+                for name in task_names:
+                    t, path = by_name[name], assignment[name]
+                    run = lambda: score(model, tokenizer, records[name], metrics[name], t.max_new_tokens, cfg.batch_size, device)
+                    if path is None and names:
+                        with model.disable_adapter():
+                            scores[row_name][name] = run()
+                    else:
+                        if path is not None:
+                            model.set_adapter(names[path])
+                        scores[row_name][name] = run()
+                    bar.update(1)
+            del model
+    rows = [{"method": row, "scores": {t.name: scores[row][t.name] for t in cfg.tasks}} for row in plan]
     individual = next((r for r in rows if r["method"] == "individual"), None)
     for row in rows:
         if individual is not None:

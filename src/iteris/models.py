@@ -77,6 +77,10 @@ def _auto_class(path: str, task_type: str | None, extra_tensors: dict):
     return getattr(transformers, auto_name), config, kwargs
 
 
+# The adapters carry their own trained heads, so a differently sized head in the checkpoint is replaced.
+_LOAD_OPTIONS = {"ignore_mismatched_sizes": True}
+
+
 def check_against_base(path: str, adapters, targets: list[str]) -> None:
     """Shape-check the adapters against the base without loading its weights (a model on the meta device)."""
     extras = {k: v for a in adapters for k, v in a.extra_tensors.items()}
@@ -94,7 +98,7 @@ def load_base_model(
     """Load the base model in the class its adapters were trained on, never running remote code."""
     auto_cls, _, kwargs = _auto_class(path, task_type, extra_tensors)
     try:
-        model = auto_cls.from_pretrained(path, dtype=dtype, **kwargs)
+        model = auto_cls.from_pretrained(path, dtype=dtype, **kwargs, **(_LOAD_OPTIONS if kwargs else {}))
     except OSError as exc:
         raise IterisError(f"cannot load the base model's weights from '{path}': {exc}") from None
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
