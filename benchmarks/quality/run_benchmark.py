@@ -19,7 +19,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 
 import iteris  # noqa: E402
-from iteris.assets import smollm2_dir  # noqa: E402
+from iteris.assets import minilm_dir, smollm2_dir  # noqa: E402
+
+# family -> base model, calibration and evaluation files, and merge options
+FAMILIES = {
+    "smollm2": {"base": smollm2_dir, "calibration": "calibration.jsonl", "eval": "{split}.jsonl", "merge": {}},
+    # RegMean's GLUE setting: the merged encoder body, each task keeping its own classification head
+    "minilm": {"base": minilm_dir, "calibration": "classify_calibration.jsonl", "eval": "classify_{split}.jsonl",
+               "merge": {"modules_to_save": "per_adapter"}, "metric": "accuracy"},
+}
 from iteris.evaluate import evaluate, format_table, write_results  # noqa: E402
 
 DEFAULT_METHODS = {
@@ -42,10 +50,11 @@ ITERATIONS = {
 }
 
 
-def merge_all(tasks, methods, out: Path, device: str, samples: int, progress: bool) -> dict:
+def merge_all(tasks, methods, out: Path, device: str, samples: int, progress: bool, family: str = "smollm2") -> dict:
     """methods: row label -> (method, parameters); each merged adapter is saved under out/merged/<n>."""
+    fam = FAMILIES[family]
     adapters = [
-        {"name": t, "path": str(HERE / "adapters" / "smollm2" / t), "data": str(HERE / "data" / t / "calibration.jsonl")}
+        {"name": t, "path": str(HERE / "adapters" / family / t), "data": str(HERE / "data" / t / fam["calibration"])}
         for t in tasks
     ]
     timings = {}
@@ -53,9 +62,9 @@ def merge_all(tasks, methods, out: Path, device: str, samples: int, progress: bo
         start = time.perf_counter()
         result = iteris.merge(
             {
-                "base_model": str(smollm2_dir()), "method": method, "parameters": params, "device": device,
+                "base_model": str(fam["base"]()), "method": method, "parameters": params, "device": device,
                 "dtype": "auto", "calibration": {"samples": samples, "max_length": 384, "batch_size": 16},
-                "adapters": adapters, "progress": progress,
+                "adapters": adapters, "progress": progress, **fam["merge"],
             }
         )
         result.save(out / "merged" / str(index), force=True)
@@ -68,6 +77,7 @@ def merge_all(tasks, methods, out: Path, device: str, samples: int, progress: bo
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", required=True)
+    parser.add_argument("--family", default="smollm2", choices=sorted(FAMILIES))
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--params", default=None, help="JSON {method: parameters} (e.g. chosen on val)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of methods")
@@ -87,13 +97,14 @@ def main():
     if args.grid:
         methods = GRID if args.grid == "hyperparameters" else ITERATIONS
     out = Path(args.out)
-    merges = merge_all(tasks, methods, out, args.device, args.samples, not args.quiet)
+    fam = FAMILIES[args.family]
+    merges = merge_all(tasks, methods, out, args.device, args.samples, not args.quiet, args.family)
     eval_cfg = {
-        "base_model": str(smollm2_dir()),
+        "base_model": str(fam["base"]()),
         "tasks": [
-            {"name": t, "data": str(HERE / "data" / t / f"{args.split}.jsonl"),
-             "adapter": str(HERE / "adapters" / "smollm2" / t), "limit": args.limit,
-             "metric": json.loads((HERE / "data" / t / "task.json").read_text())["metric"]}
+            {"name": t, "data": str(HERE / "data" / t / fam["eval"].format(split=args.split)),
+             "adapter": str(HERE / "adapters" / args.family / t), "limit": args.limit,
+             "metric": fam.get("metric") or json.loads((HERE / "data" / t / "task.json").read_text())["metric"]}
             for t in tasks
         ],
         "models": [{"name": label, "path": merges[label]["dir"]} for label in methods],

@@ -140,16 +140,19 @@ def main():
     parser.add_argument("--encoder-steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-encoder", action="store_true")
+    parser.add_argument("--skip-llm", action="store_true")
     args = parser.parse_args()
     tasks = args.tasks.split(",") if args.tasks else sorted(p.name for p in (HERE / "data").iterdir() if p.is_dir())
     log = []
     for task in tasks:
-        log.append(train_llm(task, args.device, args.llm_steps, 16, args.seed))
-        print(json.dumps(log[-1]), flush=True)
+        if not args.skip_llm:
+            log.append(train_llm(task, args.device, args.llm_steps, 16, args.seed))
+            print(json.dumps(log[-1]), flush=True)
         if not args.skip_encoder and (HERE / "data" / task / "classify_train.jsonl").is_file():
             log.append(train_encoder(task, args.device, args.encoder_steps, 32, args.seed))
             print(json.dumps(log[-1]), flush=True)
-    (HERE / "adapters" / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    name = "training_log.json" if not args.skip_llm else "training_log_encoder.json"
+    (HERE / "adapters" / name).write_text(json.dumps(log, indent=2) + "\n")
 
 
 if __name__ == "__main__":

