@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 import fixtures as fx
 import iteris
 from iteris.calibration import Calibration
-from iteris.capture import StatsCollector
+from iteris.capture import DeltaInjector
 from test_reference import _config
 
 
@@ -132,8 +132,11 @@ def _stats_elements(base, adapter_dirs, n_samples, calibration_file, tmp_path):
         models.tokenize_samples(tok, select_samples(load_records(calibration_file("jsonl", 40, s)), spec, "x"), model, 64)
         for s in (0, 1)
     ]
-    calib = Calibration(model, layers, samples, ["t0", "t1"], tok.pad_token_id, 4, torch.float32, False, [{}, {}], [{}, {}])
-    calib.register_adapters(adapters)
+    injector = DeltaInjector(model, layers)
+    for i, adapter in enumerate(adapters):
+        injector.set_variant(f"own:{i}", adapter.modules)
+    calib = Calibration(model, layers, injector, samples, ["t0", "t1"], tok.pad_token_id, 4, torch.float32, False,
+                        [{}, {}], [{}, {}])
     own = calib.own_statistics(adapters, projections=True, label="x")
     calib.set_merged({n: a.modules[n] for a in adapters[:1] for n in a.modules})
     paired = calib.paired_statistics(0, adapters[0], gamma=0.5, want_cross=True, label="x")

@@ -18,6 +18,7 @@ class Calibration:
         self,
         model,
         layers: dict,
+        injector: DeltaInjector,
         task_samples: list[list[TokenSample]],
         task_names: list[str],
         pad_id: int,
@@ -37,16 +38,12 @@ class Calibration:
         self.progress = progress
         self.merged_overrides = merged_overrides
         self.capture_seconds = 0.0
-        self.injector = DeltaInjector(model, layers)
+        self.injector = injector  # holds each adapter's own model as variant "own:<i>"
         probe = make_batch(task_samples[0][:1], pad_id, self.device)
         self.groups = find_groups(model, layers, probe)
         self.group_of = {m: g.name for g in self.groups for m in g.members}
         self.collector = StatsCollector(model, layers, self.groups, self.injector, stats_dtype)
         self._own_overrides = own_overrides
-
-    def register_adapters(self, adapters: list[LoraAdapter]) -> None:
-        for i, adapter in enumerate(adapters):
-            self.injector.set_variant(f"own:{i}", adapter.modules)
 
     def base_weight(self, name: str) -> torch.Tensor:
         return base_weight(self.layers[name]).detach()

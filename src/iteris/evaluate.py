@@ -173,13 +173,13 @@ def _heads(path: str) -> dict:
     return load_adapter("eval", path).extra_tensors
 
 
-def _load(cfg: EvalConfig, task_type, paths: list[str], device, dtype, tokenizer):
+def _load(cfg: EvalConfig, task_type, paths: list[str], heads: dict[str, dict], device, dtype, tokenizer):
     """The base model with the given adapters loaded by PEFT, as PEFT adapter names a0, a1, ..."""
     from peft import PeftModel
 
     extras = {}
     for path in paths:
-        extras.update(_heads(path))
+        extras.update(heads[path])
     base = models.load_base_model(cfg.base_model, task_type, extras, dtype, device, tokenizer)
     if not paths:
         return base, {}
@@ -218,10 +218,11 @@ def evaluate(source) -> dict:
     if task_type is None and all_paths:
         task_type = json.loads((Path(all_paths[0]) / "adapter_config.json").read_text()).get("task_type")
     # Tasks whose heads differ in size (2 labels here, 5 there) each need a base model of their own.
+    heads = {path: _heads(path) for path in dict.fromkeys(all_paths)}  # each adapter read once
     groups: dict[tuple, list[str]] = {}
     for t in cfg.tasks:
-        heads = _heads(paths_of[t.name][0]) if paths_of[t.name] else {}
-        groups.setdefault(tuple(sorted((k, tuple(v.shape)) for k, v in heads.items())), []).append(t.name)
+        own = heads[paths_of[t.name][0]] if paths_of[t.name] else {}
+        groups.setdefault(tuple(sorted((k, tuple(v.shape)) for k, v in own.items())), []).append(t.name)
 
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
@@ -231,7 +232,7 @@ def evaluate(source) -> dict:
     with tqdm(total=len(plan) * len(cfg.tasks), desc="eval", disable=not cfg.progress, unit="task") as bar:
         for task_names in groups.values():
             paths = list(dict.fromkeys(p for name in task_names for p in paths_of[name]))
-            model, names = _load(cfg, task_type, paths, device, dtype, tokenizer)
+            model, names = _load(cfg, task_type, paths, heads, device, dtype, tokenizer)
             for row_name, assignment in plan.items():
                 for name in task_names:
                     t, path = by_name[name], assignment[name]

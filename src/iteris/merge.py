@@ -130,26 +130,21 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     stats_dtype = cfg.calibration.stats_dtype
     if stats_dtype == "auto":
         stats_dtype = "float64" if device == "cpu" else "float32"
-    calib = None
     injector = DeltaInjector(model, layers)
     try:
-        for i, adapter in enumerate(adapters):  # what each adapter's own model writes, where it must
-            injector.set_variant("own", adapter.modules)
-            with injector.use("own", own[i]):
+        for i, adapter in enumerate(adapters):
+            injector.set_variant(f"own:{i}", adapter.modules)
+            with injector.use(f"own:{i}", own[i]):  # what each adapter's own model writes, where it must
                 samples[i] = models.complete_samples(
                     model, tokenizer, samples[i], cfg.calibration.generate, cfg.calibration.max_new_tokens,
                     cfg.calibration.batch_size, device,
                 )
-        injector.remove()
         calib = Calibration(
-            model, layers, samples, [s.name for s in cfg.adapters], tokenizer.pad_token_id,
+            model, layers, injector, samples, [s.name for s in cfg.adapters], tokenizer.pad_token_id,
             cfg.calibration.batch_size, getattr(torch, stats_dtype), cfg.progress, own, merged,
         )
-        calib.register_adapters(adapters)
     except BaseException:
         injector.remove()
-        if calib is not None:
-            calib.close()
         raise
     report["calibration"] = {
         "device": device,
