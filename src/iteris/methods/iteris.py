@@ -41,17 +41,15 @@ class IterISParams:
 def _task_weights(ctx: MergeContext, per_task: list[dict[str, GroupStats]]) -> dict[str, list[float]]:
     """c_i per layer, fixed for the run: it depends only on each adapter's own inputs."""
     calib = ctx.calibration
+    if not ctx.params.adaptive_weights:
+        return {name: list(ctx.weights) for name in ctx.targets}
     coef = {}
     for name in ctx.targets:
         group = calib.group_of[name]
+        W0 = calib.base_weight(name).to(torch.float64)  # once per layer, not once per task
         row = []
         for stats, lora, manual in zip(per_task, ctx.loras(name), ctx.weights):
-            if not ctx.params.adaptive_weights:
-                row.append(manual)
-                continue
-            W = calib.base_weight(name).to(torch.float64)
-            if lora is not None:
-                W = W + lora.delta().to(W.device)
+            W = W0 if lora is None else W0 + lora.delta().to(W0.device)
             row.append(manual * adaptive_weight(W, stats[group].gram))
         coef[name] = row
     return coef
