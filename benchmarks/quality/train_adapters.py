@@ -27,7 +27,9 @@ from iteris.assets import minilm_dir, smollm2_dir  # noqa: E402
 from iteris.models import load_tokenizer  # noqa: E402
 
 LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ENCODER_TARGETS = ["query", "key", "value", "dense"]
+# the encoder's attention and feed-forward linears; not the pooler, whose output only the task heads read
+ENCODER_MAX_LENGTH = 128
+ENCODER_TARGETS = r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$"
 
 
 def _records(path: Path) -> list[dict]:
@@ -70,7 +72,8 @@ def _train_and_save(model, batches, steps: int, lr: float, device: str, family: 
     out = HERE / "adapters" / family / task
     model.save_pretrained(str(out))
     _to_bf16(out)
-    return {"task": task, "model": family, "final_loss": loss, "seconds": time.perf_counter() - start}
+    return {"task": task, "model": family, "steps": steps, "lr": lr, "final_loss": loss,
+            "seconds": time.perf_counter() - start, "device": device}
 
 
 def _cycle(items: list, batch_size: int, seed: int):
@@ -111,7 +114,7 @@ def train_llm(task: str, device: str, steps: int, batch_size: int, seed: int) ->
                            "smollm2", task)
 
 
-def train_encoder(task: str, device: str, steps: int, batch_size: int, seed: int) -> dict:
+def train_encoder(task: str, device: str, steps: int, batch_size: int, seed: int, lr: float) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -125,10 +128,10 @@ def train_encoder(task: str, device: str, steps: int, batch_size: int, seed: int
     examples = [(r["text"], r["label"]) for r in _records(HERE / "data" / task / "classify_train.jsonl")]
 
     def collate(chunk):
-        enc = tok([t for t, _ in chunk], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        enc = tok([t for t, _ in chunk], padding=True, truncation=True, max_length=ENCODER_MAX_LENGTH, return_tensors="pt")
         return {**enc, "labels": torch.tensor([l for _, l in chunk])}
 
-    return _train_and_save(model, (collate(c) for c in _cycle(examples, batch_size, seed)), steps, 1e-3, device,
+    return _train_and_save(model, (collate(c) for c in _cycle(examples, batch_size, seed)), steps, lr, device,
                            "minilm", task)
 
 
@@ -137,7 +140,9 @@ def main():
     parser.add_argument("--tasks", default=None, help="comma-separated task names (default: all prepared tasks)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--llm-steps", type=int, default=300)
-    parser.add_argument("--encoder-steps", type=int, default=400)
+    parser.add_argument("--encoder-steps", type=int, default=300)
+    parser.add_argument("--encoder-lr", type=float, default=3e-4)
+    parser.add_argument("--encoder-batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-encoder", action="store_true")
     parser.add_argument("--skip-llm", action="store_true")
@@ -149,10 +154,14 @@ def main():
             log.append(train_llm(task, args.device, args.llm_steps, 16, args.seed))
             print(json.dumps(log[-1]), flush=True)
         if not args.skip_encoder and (HERE / "data" / task / "classify_train.jsonl").is_file():
-            log.append(train_encoder(task, args.device, args.encoder_steps, 32, args.seed))
+            log.append(train_encoder(task, args.device, args.encoder_steps, args.encoder_batch, args.seed, args.encoder_lr))
             print(json.dumps(log[-1]), flush=True)
-    name = "training_log.json" if not args.skip_llm else "training_log_encoder.json"
-    (HERE / "adapters" / name).write_text(json.dumps(log, indent=2) + "\n")
+    # one log for every adapter shipped; a run that trains some of them updates their entries
+    path = HERE / "adapters" / "training_log.json"
+    kept = json.loads(path.read_text()) if path.is_file() else []
+    done = {(e["task"], e["model"]) for e in log}
+    merged = [e for e in kept if (e["task"], e["model"]) not in done] + log
+    path.write_text(json.dumps(sorted(merged, key=lambda e: (e["model"], e["task"])), indent=2) + "\n")
 
 
 if __name__ == "__main__":

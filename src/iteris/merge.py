@@ -98,6 +98,12 @@ def resolve_heads(adapters: list[LoraAdapter], policy: str):
     return own, [reference for _ in adapters], {"": dict(reference)}
 
 
+def _arithmetic_device(requested: str) -> str:
+    from . import models
+
+    return models.resolve_device(requested)
+
+
 def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets: list[str], own, merged, report):
     from . import models
     from .calibration import Calibration
@@ -220,7 +226,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
         t1 = time.perf_counter()
         ctx = MergeContext(
             adapters=adapters, weights=weights, targets=targets, params=params, calibration=calib,
-            progress=cfg.progress,
+            progress=cfg.progress, device=_arithmetic_device(cfg.device),
         )
         raw = spec.fn(ctx)
         report["timings"]["merge"] = time.perf_counter() - t1

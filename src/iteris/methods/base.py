@@ -30,6 +30,7 @@ class MergeContext:
     calibration: Any = None  # merge.Calibration for data-aware methods
     report: dict = field(default_factory=dict)  # methods add what they measured
     progress: bool = True
+    device: str = "cpu"  # where element-wise methods may do their arithmetic
 
     def loras(self, name: str):
         """Each adapter's LoRA on a layer, None where it does not touch the layer."""
