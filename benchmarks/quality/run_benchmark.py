@@ -55,12 +55,22 @@ ABLATIONS = {
                 for n in (1, 5, 10, 20, 50, 100)},
     "gamma": {f"iteris gamma={g}": ("iteris", {**CHOSEN_ITERIS, "gamma": g}) for g in (0.0, 0.25, 0.5, 0.75, 1.0)},
     "alpha": {f"iteris alpha1={a1:g} alpha2={a2:g}": ("iteris", {**CHOSEN_ITERIS, "alpha1": a1, "alpha2": a2})
-              for a1, a2 in ((1e-7, 1e-7), (1e-4, 1e-7), (1e-7, 1e-4), (1e-4, 1e-4), (1e-2, 1e-4), (1e-4, 1e-2),
-                             (1e-2, 1e-2))},
+              for a1, a2 in ((1e-7, 1e-7), (1e-4, 1e-7), (1e-7, 1e-4), (1e-4, 1e-4), (1e-2, 1e-2))},
     "adaptive": {f"iteris adaptive_weights={v}": ("iteris", {**CHOSEN_ITERIS, "adaptive_weights": v})
                  for v in (True, False)},
     "rank": {f"iteris rank={k}": ("iteris", CHOSEN_ITERIS, {"rank": k}) for k in (8, 16, None)},
 }
+
+
+def best_params(sweep: dict) -> dict:
+    """{method: parameters} of each method's best row (normalized mean) in a sweep's results.json."""
+    means = {row["method"]: row["normalized_mean"] for row in sweep["rows"]}
+    best = {}
+    for label, merge in sweep["merge"].items():
+        method = merge["method"]
+        if method not in best or means[label] > means[best[method]]:
+            best[method] = label
+    return {method: sweep["merge"][label]["parameters"] for method, label in best.items()}
 
 
 def _rows(methods: dict) -> dict:
@@ -99,7 +109,8 @@ def main():
     parser.add_argument("--tasks", required=True)
     parser.add_argument("--family", default="smollm2", choices=sorted(FAMILIES))
     parser.add_argument("--split", default="test", choices=["val", "test"])
-    parser.add_argument("--params", default=None, help="JSON {method: parameters} (e.g. chosen on val)")
+    parser.add_argument("--params", default=None,
+                        help="JSON {method: parameters}, or a sweep's results.json (each method's best row is taken)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of methods")
     parser.add_argument("--grid", choices=["hyperparameters", "iterations", *ABLATIONS], default=None,
                         help="rows of a sweep instead of one row per method")
@@ -107,11 +118,15 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records per task")
+    parser.add_argument("--eval-batch", type=int, default=16)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--keep-merged", action="store_true", help="keep the merged adapters under OUT/merged")
     args = parser.parse_args()
     tasks = args.tasks.split(",")
     chosen = json.loads(Path(args.params).read_text()) if args.params else dict(DEFAULT_METHODS)
+    if "rows" in chosen:
+        chosen = best_params(chosen)
+        print(f"parameters chosen from {args.params}: {json.dumps(chosen)}", flush=True)
     if args.methods:
         chosen = {m: chosen.get(m, DEFAULT_METHODS.get(m, {})) for m in args.methods.split(",")}
     methods = {m: (m, p) for m, p in chosen.items()}
@@ -129,7 +144,7 @@ def main():
             for t in tasks
         ],
         "models": [{"name": label, "path": merges[label]["dir"]} for label in methods],
-        "device": args.device, "dtype": "auto", "batch_size": 16, "progress": not args.quiet,
+        "device": args.device, "dtype": "auto", "batch_size": args.eval_batch, "progress": not args.quiet,
     }
     start = time.perf_counter()
     results = evaluate(eval_cfg)
