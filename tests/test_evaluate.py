@@ -164,3 +164,27 @@ def test_tasks_with_heads_of_different_sizes(tiny_family_dir, adapters_for, cali
     records = [json.loads(line) for line in open(tasks[1]["data"])]
     assert rows["individual"]["scores"]["t1"] == pytest.approx(score(own, tok, records, "accuracy", 8, 4, "cpu"))
     assert set(rows["iteris"]["scores"]) == {"t0", "t1"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_shared_context_logprobs_match_one_pair_at_a_time(load_tiny, family):
+    """Options scored from one cached prompt pass equal each (prompt + option) run alone, unpadded."""
+    from iteris.models import shared_context_logprobs
+
+    model, tok = load_tiny(family)
+    model.double()
+    sentences = fx.sample_sentences(12, seed=7)
+    pairs = []
+    for i in range(5):  # contexts of different lengths, 1 to 4 options of 1 to several tokens
+        context = tok(sentences[i])["input_ids"]
+        for k in range(1 + i % 4):
+            option = tok(" ".join(sentences[5 + (i + k) % 7].split()[: 1 + k]), add_special_tokens=False)["input_ids"]
+            pairs.append((context, option))
+    expected = []
+    with torch.no_grad():
+        for context, option in pairs:
+            logits = model(input_ids=torch.tensor([context + option])).logits[0].log_softmax(-1)
+            expected.append(sum(float(logits[len(context) - 1 + j, t]) for j, t in enumerate(option)))
+        got = shared_context_logprobs(model, pairs, tok.pad_token_id, batch_size=2, device="cpu")
+    assert any(len(o) > 1 for _, o in pairs) and any(len(o) == 1 for _, o in pairs)
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-9)

@@ -122,7 +122,7 @@ def score(model, tokenizer, records: list[dict], metric: str, max_new_tokens: in
             for choice in r["choices"]:
                 pairs.append((context, encode(choice, special=False)))
                 owners.append(index)
-        logps = models.continuation_logprobs(model, pairs, pad, batch_size, device)
+        logps = models.shared_context_logprobs(model, pairs, pad, batch_size, device)
         best: dict[int, tuple[float, int]] = {}
         counts: dict[int, int] = {}
         for owner, lp in zip(owners, logps):

@@ -365,6 +365,74 @@ def continuation_logprobs(
     return out
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes a key/value cache (renamed in newer transformers)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def shared_context_logprobs(
+    model: nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, device: str
+) -> list[float]:
+    """``continuation_logprobs`` for a causal LM where consecutive pairs share a context (answer options):
+    each context runs once, its key/value cache serves every continuation. Multiple choice with k options
+    costs one prompt pass instead of k."""
+    if model_kind(model) != "causal":
+        return continuation_logprobs(model, pairs, pad_id, batch_size, device)
+    groups: list[tuple[list[int], list[tuple[int, list[int]]]]] = []
+    for index, (context, target) in enumerate(pairs):
+        if not context or not target:
+            raise IterisError("continuation_logprobs: empty context or continuation")
+        if groups and groups[-1][0] == context:
+            groups[-1][1].append((index, target))
+        else:
+            groups.append((context, [(index, target)]))
+    out = [0.0] * len(pairs)
+    for start in range(0, len(groups), batch_size):
+        chunk = groups[start : start + batch_size]
+        length = max(len(c) for c, _ in chunk)
+        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (context, _) in enumerate(chunk):  # left padding: every context ends at the same column
+            ids[row, length - len(context) :] = torch.tensor(context)
+            mask[row, length - len(context) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        result = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=True)
+        first = _at_least_float32(result.logits[:, -1]).log_softmax(-1)
+        rows = [(row, index, target) for row, (_, members) in enumerate(chunk) for index, target in members]
+        for row, index, target in rows:
+            out[index] = float(first[row, target[0]])
+        rest = [(row, index, target) for row, index, target in rows if len(target) > 1]
+        if not rest:
+            continue
+        cache = result.past_key_values
+        cache.batch_select_indices(torch.tensor([row for row, _, _ in rest], device=device))
+        width = max(len(t) - 1 for _, _, t in rest)
+        tail = torch.full((len(rest), width), pad_id, dtype=torch.long)
+        tail_mask = torch.zeros_like(tail)
+        for k, (_, _, target) in enumerate(rest):
+            tail[k, : len(target) - 1] = torch.tensor(target[:-1])
+            tail_mask[k, : len(target) - 1] = 1
+        tail, tail_mask = tail.to(device), tail_mask.to(device)
+        seen = mask[[row for row, _, _ in rest]]
+        offsets = seen.sum(-1, keepdim=True)
+        logits = model(
+            input_ids=tail, attention_mask=torch.cat([seen, tail_mask], dim=1), **{_cache_argument(model): cache},
+            position_ids=offsets + torch.arange(width, device=device), use_cache=True,
+        ).logits
+        logits = _at_least_float32(logits).log_softmax(-1)
+        for k, (_, index, target) in enumerate(rest):
+            steps = torch.arange(len(target) - 1, device=logits.device)
+            out[index] += float(logits[k, steps, torch.tensor(target[1:], device=logits.device)].sum())
+    return out
+
+
 @torch.no_grad()
 def class_predictions(model: nn.Module, texts_ids: list[list[int]], pad_id: int, batch_size: int, device: str) -> list[int]:
     """argmax of a classifier head's logits for each tokenised text."""
