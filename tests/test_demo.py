@@ -1,19 +1,44 @@
-"""`iteris demo` end to end on the model it builds: a table, an adapter PEFT loads, results.json."""
+"""`iteris demo`: the pipeline end to end on the tiny model it builds, and the real demo's refusals."""
 
 import json
 
+import pytest
+import iteris.demo as demo
 from iteris.cli import main
+from iteris.errors import IterisError
 
 
-def test_demo_writes_results_and_an_adapter(tmp_path, capsys):
+def test_tiny_demo_writes_results_and_adapters(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    assert main(["demo", "--tiny", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "iteris" in printed and "task_arithmetic" in printed
+    assert "iteris" in printed and "task_arithmetic" in printed and str(out) in printed
     results = json.loads((out / "results.json").read_text())
-    lost = results["effect_lost"]
-    assert lost["base model"] == {"sports": 1.0, "cooking": 1.0, "finance": 1.0}
-    mean = {m: sum(v.values()) / len(v) for m, v in lost.items()}
-    # the data-aware merges keep more of every adapter's effect than a plain sum does
-    assert mean["iteris"] < mean["task_arithmetic"] and mean["regmean"] < mean["task_arithmetic"]
-    assert (out / "iteris" / "adapter_model.safetensors").is_file()
+    assert results["tasks"] == ["sports", "cooking", "finance"]
+    rows = {r["method"]: r for r in results["rows"]}
+    assert list(rows) == ["base", "individual", "task_arithmetic", "ties", "regmean", "iteris"]
+    for row in rows.values():
+        assert set(row) == {"method", "scores", "normalized_mean"} and set(row["scores"]) == set(results["tasks"])
+    # each trained adapter lowers its own domain's perplexity; IterIS keeps more of that than the base has
+    for task in results["tasks"]:
+        assert rows["individual"]["scores"][task] < rows["base"]["scores"][task]
+    assert rows["individual"]["normalized_mean"] == pytest.approx(1.0)
+    assert rows["iteris"]["normalized_mean"] > rows["base"]["normalized_mean"]
+    for method in ("task_arithmetic", "ties", "regmean", "iteris"):
+        assert (out / method / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "iteris" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_demo_refuses_a_non_empty_output_before_work(tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(IterisError, match="not empty"):
+        demo.run_demo(out=str(out), tiny=True, quiet=True)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_real_demo_without_adapters_says_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "QUALITY_DIR", tmp_path / "nowhere")
+    with pytest.raises(IterisError, match="clone of the repository"):
+        demo.shipped_assets(samples=2, limit=2)

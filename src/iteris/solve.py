@@ -42,13 +42,17 @@ class TaskLayerStats:
 
 
 def adaptive_weight(weight: torch.Tensor, gram: torch.Tensor) -> float:
-    """c = ||W||_F^2 / ||X W^T||_F^2 with ||X W^T||_F^2 = tr(W X^T X W^T): balances tasks of different scale."""
-    W = weight.to(SOLVE_DTYPE)
-    G = gram.to(SOLVE_DTYPE)
-    denom = float(((W @ G) * W).sum())
+    """c = ||W||_F^2 / ||X W^T||_F^2 with ||X W^T||_F^2 = tr(W X^T X W^T): balances tasks of different scale.
+
+    Computed in the statistics' own precision (float32 statistics give c to ~1e-6, far inside their own
+    error), since this d_out x d_in x d_in product costs more than the layer's whole solve."""
+    dtype = torch.promote_types(gram.dtype, torch.float32)
+    W = weight.to(device=gram.device, dtype=dtype)
+    G = gram.to(dtype)
+    denom = float(((W @ G) * W).sum(dtype=SOLVE_DTYPE))
     if denom <= 0.0:
         raise IterisError("adaptive weight undefined: a layer received all-zero inputs; set adaptive_weights: false")
-    return float(W.pow(2).sum()) / denom
+    return float(W.pow(2).sum(dtype=SOLVE_DTYPE)) / denom
 
 
 def regularize(matrix: torch.Tensor, alpha: float, norm: float | None = None) -> torch.Tensor:
@@ -58,7 +62,9 @@ def regularize(matrix: torch.Tensor, alpha: float, norm: float | None = None) ->
         return M
     if norm is None:
         norm = float(torch.linalg.matrix_norm(M))
-    return M + (alpha * norm) * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    M = M.clone() if M is matrix else M
+    M.diagonal().add_(alpha * norm)
+    return M
 
 
 def pretrain_rhs(base_weight: torch.Tensor, cross: torch.Tensor, weight: float, alpha1: float, cross_norm: float) -> torch.Tensor:

@@ -61,9 +61,28 @@ class TiesParams:
 @register("ties", TiesParams, "TIES: trim to density, elect signs, disjoint mean (dense; SVD to rank)")
 def ties(ctx: MergeContext):
     p = ctx.params
-    return _dense_merge(
-        ctx, lambda t, w: merge_utils.ties(t, w, p.density, p.majority_sign_method)
-    )
+    return _dense_merge(ctx, lambda t, w: _ties(t, w, p.density, p.majority_sign_method))
+
+
+def _magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of largest magnitudes: PEFT's top-k mask (exact ties aside), found
+    with one k-th value instead of a top-k sort, which is several times faster on large layers."""
+    keep = int(density * tensor.numel())
+    if keep >= tensor.numel():
+        return tensor
+    if keep == 0:
+        return torch.zeros_like(tensor)
+    magnitude = tensor.abs().reshape(-1)
+    threshold = torch.kthvalue(magnitude, magnitude.numel() - keep + 1).values
+    return tensor * (tensor.abs() >= threshold)
+
+
+def _ties(tensors: list[torch.Tensor], weights: torch.Tensor, density: float, sign_method: str) -> torch.Tensor:
+    """PEFT's TIES (trim, elect sign, disjoint merge) with the faster trim."""
+    stacked = torch.stack([_magnitude_prune(t, density) for t in tensors])
+    sign = merge_utils.calculate_majority_sign_mask(stacked, method=sign_method)
+    weighted = stacked * merge_utils.reshape_weight_task_tensors(stacked, weights)
+    return merge_utils.disjoint_merge(weighted, sign)
 
 
 @dataclass
