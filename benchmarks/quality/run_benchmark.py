@@ -78,7 +78,8 @@ def _rows(methods: dict) -> dict:
     return {label: (row[0], row[1], row[2] if len(row) > 2 else {}) for label, row in methods.items()}
 
 
-def merge_all(tasks, methods, out: Path, device: str, samples: int, progress: bool, family: str = "smollm2") -> dict:
+def merge_all(tasks, methods, out: Path, device: str, samples: int, progress: bool, family: str = "smollm2",
+              stats_dtype: str = "auto") -> dict:
     """methods: row label -> (method, parameters[, options]); each merged adapter is saved under out/merged/<n>."""
     fam = FAMILIES[family]
     timings = {}
@@ -93,7 +94,8 @@ def merge_all(tasks, methods, out: Path, device: str, samples: int, progress: bo
             {
                 "base_model": str(fam["base"]()), "method": method, "parameters": params, "device": device,
                 "dtype": "auto", "rank": options.get("rank"),
-                "calibration": {"samples": options.get("samples", samples), "max_length": 384, "batch_size": 16},
+                "calibration": {"samples": options.get("samples", samples), "max_length": 384, "batch_size": 16,
+                                "stats_dtype": stats_dtype},
                 "adapters": adapters, "progress": progress, **fam["merge"],
             }
         )
@@ -119,6 +121,7 @@ def main():
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N records per task")
     parser.add_argument("--eval-batch", type=int, default=16)
+    parser.add_argument("--stats-dtype", default="auto", help="statistics precision (auto: float64 on CPU)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--keep-merged", action="store_true", help="keep the merged adapters under OUT/merged")
     args = parser.parse_args()
@@ -134,7 +137,7 @@ def main():
         methods = {"hyperparameters": GRID, "iterations": ITERATIONS, **ABLATIONS}[args.grid]
     out = Path(args.out)
     fam = FAMILIES[args.family]
-    merges = merge_all(tasks, methods, out, args.device, args.samples, not args.quiet, args.family)
+    merges = merge_all(tasks, methods, out, args.device, args.samples, not args.quiet, args.family, args.stats_dtype)
     eval_cfg = {
         "base_model": str(fam["base"]()),
         "tasks": [
