@@ -190,8 +190,8 @@ def run_demo(out: str | None = None, force: bool = False, quiet: bool = False, t
     hf_logging.disable_progress_bar()
     target = Path(out) if out is not None else Path("iteris-demo")
     # the default folder is the demo's own: a later demo replaces it
-    check_output_dir(target, force or (out is None and (target / "results.json").is_file()))
     force = force or (out is None and (target / "results.json").is_file())
+    check_output_dir(target, force)  # before the model conversion or any merge
     start = time.perf_counter()
     if tiny:
         with tempfile.TemporaryDirectory(prefix="iteris-demo-") as tmp:

@@ -98,12 +98,6 @@ def resolve_heads(adapters: list[LoraAdapter], policy: str):
     return own, [reference for _ in adapters], {"": dict(reference)}
 
 
-def _arithmetic_device(requested: str) -> str:
-    from . import models
-
-    return models.resolve_device(requested)
-
-
 def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets: list[str], own, merged, report):
     from . import models
     from .calibration import Calibration
@@ -224,9 +218,11 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
             check_against_base(cfg.base_model, adapters, targets)
         report["timings"]["load"] = time.perf_counter() - t0
         t1 = time.perf_counter()
+        from .models import resolve_device
+
         ctx = MergeContext(
             adapters=adapters, weights=weights, targets=targets, params=params, calibration=calib,
-            progress=cfg.progress, device=_arithmetic_device(cfg.device),
+            progress=cfg.progress, device=resolve_device(cfg.device),
         )
         raw = spec.fn(ctx)
         report["timings"]["merge"] = time.perf_counter() - t1

@@ -377,11 +377,6 @@ def _forward_arguments(model: nn.Module) -> set[str]:
     return set(inspect.signature(inner.forward).parameters)
 
 
-def _cache_argument(model: nn.Module) -> str:
-    """The forward argument that takes a key/value cache (renamed in newer transformers)."""
-    return "cache" if "cache" in _forward_arguments(model) else "past_key_values"
-
-
 def shared_context_logprobs(
     model: nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, device: str
 ) -> list[float]:
@@ -398,6 +393,9 @@ def shared_context_logprobs(
             groups[-1][1].append((index, target))
         else:
             groups.append((context, [(index, target)]))
+    accepted = _forward_arguments(model)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    cache_argument = "cache" if "cache" in accepted else "past_key_values"  # renamed in newer transformers
     out = [0.0] * len(pairs)
     for start in range(0, len(groups), batch_size):
         chunk = groups[start : start + batch_size]
@@ -408,7 +406,6 @@ def shared_context_logprobs(
             ids[row, length - len(context) :] = torch.tensor(context)
             mask[row, length - len(context) :] = 1
         ids, mask = ids.to(device), mask.to(device)
-        last_only = {"logits_to_keep": 1} if "logits_to_keep" in _forward_arguments(model) else {}
         result = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                        use_cache=True, **last_only)
         first = _at_least_float32(result.logits[:, -1]).log_softmax(-1)
@@ -430,7 +427,7 @@ def shared_context_logprobs(
         seen = mask[[row for row, _, _ in rest]]
         offsets = seen.sum(-1, keepdim=True)
         logits = model(
-            input_ids=tail, attention_mask=torch.cat([seen, tail_mask], dim=1), **{_cache_argument(model): cache},
+            input_ids=tail, attention_mask=torch.cat([seen, tail_mask], dim=1), **{cache_argument: cache},
             position_ids=offsets + torch.arange(width, device=device), use_cache=True,
         ).logits
         logits = _at_least_float32(logits).log_softmax(-1)

@@ -34,11 +34,11 @@ def _layer_seed(seed: int, name: str) -> int:
 
 
 def _dense_merge(ctx: MergeContext, combine: Callable, seed: int | None = None) -> dict[str, DenseDelta]:
+    # Random masks are drawn on the CPU so that a seed means the same masks on every machine.
+    device = "cpu" if seed is not None else ctx.device
     out = {}
     for name in ctx.targets:
         present = [(lora, w) for lora, w in zip(ctx.loras(name), ctx.weights) if lora is not None]
-        # Random masks are drawn on the CPU so that a seed means the same masks on every machine.
-        device = "cpu" if seed is not None else ctx.device
         tensors = [lora.delta(torch.float32).to(device) for lora, _ in present]
         weights = torch.tensor([w for _, w in present], dtype=torch.float32, device=device)
         with torch.random.fork_rng(devices=[]):
