@@ -377,6 +377,7 @@ def _forward_arguments(model: nn.Module) -> set[str]:
     return set(inspect.signature(inner.forward).parameters)
 
 
+@torch.no_grad()
 def shared_context_logprobs(
     model: nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, device: str
 ) -> list[float]:
