@@ -214,7 +214,8 @@ def test_merge_into_base_matches_adapter_logits(project, adapter_run, tmp_path):
         base_logits = base(**ids).logits
         peft_logits = PeftModel.from_pretrained(base, str(adapter_out)).eval()(**ids).logits
         merged_logits = merged(**ids).logits
-    torch.testing.assert_close(merged_logits, peft_logits, atol=1e-4, rtol=1e-4)
+    # float32 W0 + dW against PEFT's x A^T B^T: rounding grows with ||dW||, which these test adapters make large
+    torch.testing.assert_close(merged_logits, peft_logits, atol=3e-4, rtol=1e-4)
     assert (merged_logits - base_logits).abs().max() > 1e-2  # the merge changed the model
 
 

@@ -137,9 +137,18 @@ def _stats_elements(base, adapter_dirs, n_samples, calibration_file, tmp_path):
         injector.set_variant(f"own:{i}", adapter.modules)
     calib = Calibration(model, layers, injector, samples, ["t0", "t1"], tok.pad_token_id, 4, torch.float32, False,
                         [{}, {}], [{}, {}])
-    own = calib.own_statistics(adapters, projections=True, label="x")
+    seen = []
+
+    def record(names, per_task):
+        seen.append(per_task)
+        return {}
+
+    calib.sweep(record, adapters, paired=False, label="x")
+    own = [dict(kv for stage in seen for kv in stage[i].items()) for i in range(2)]
     calib.set_merged({n: a.modules[n] for a in adapters[:1] for n in a.modules})
-    paired = calib.paired_statistics(0, adapters[0], gamma=0.5, want_cross=True, label="x")
+    seen.clear()
+    calib.sweep(record, adapters, paired=True, gamma=0.5, want_cross=True, label="x")
+    paired = dict(kv for stage in seen for kv in stage[0].items())
     calib.close()
 
     def count(stats):

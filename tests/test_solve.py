@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from iteris.adapters import LoraModule
-from iteris.solve import TaskLayerStats, adaptive_weight, iteris_solve, regmean_solve, solve_right
+from iteris.errors import IterisError
+from iteris.solve import TaskLayerStats, adaptive_weight, iteris_solve, regmean_solve, solve_right, weight_norm_sq
 
 F64 = torch.float64
 
@@ -86,14 +87,23 @@ def test_identical_adapters_merge_to_themselves():
     assert torch.allclose(delta.dense(), same[0].delta(), rtol=1e-9, atol=1e-9)
 
 
+def test_weight_norm_of_base_plus_lora_without_the_dense_sum():
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(7, 5, generator=g, dtype=F64)
+    lora = LoraModule(A=torch.randn(2, 5, generator=g, dtype=F64), B=torch.randn(7, 2, generator=g, dtype=F64), scale=1.5)
+    assert weight_norm_sq(W0, lora) == pytest.approx(float((W0 + lora.delta()).pow(2).sum()), rel=1e-12)
+    assert weight_norm_sq(W0, None) == pytest.approx(float(W0.pow(2).sum()), rel=1e-12)
+
+
 def test_adaptive_weight_formula():
     g = torch.Generator().manual_seed(3)
     W = torch.randn(7, 5, generator=g, dtype=F64)
     X = torch.randn(30, 5, generator=g, dtype=F64)
     expected = (W.pow(2).sum() / (X @ W.T).pow(2).sum()).item()
-    assert adaptive_weight(W, X.T @ X) == pytest.approx(expected, rel=1e-12)
-    # scaling the inputs by s scales the weight by 1/s^2: tasks with large activations do not dominate
-    assert adaptive_weight(W, (3 * X).T @ (3 * X)) == pytest.approx(expected / 9, rel=1e-12)
+    out_sq = float((X @ W.T).pow(2).sum())
+    assert adaptive_weight(float(W.pow(2).sum()), out_sq) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(IterisError, match="all-zero inputs"):
+        adaptive_weight(1.0, 0.0)
 
 
 def test_regmean_formula():

@@ -1,16 +1,34 @@
-"""The loaded base model plus every adapter's calibration tokens: what data-aware methods run on."""
+"""The loaded base model plus every adapter's calibration tokens: what data-aware methods run on.
+
+A sweep gathers every task's statistics for every target layer and hands them, stage by stage, to the
+method's solve. Where the model is a plain chain of blocks (decoder and encoder stacks), the sweep walks
+it one block at a time (DESIGN.md §3.7): each model's hidden state is kept at the block boundary, one
+block runs on it with hooks, its layers are solved and their statistics freed before the next block, so
+memory does not grow with depth. Other models (encoder-decoders) run whole, every layer in one stage.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter
-from .capture import DeltaInjector, GroupStats, StatsCollector, find_groups
+from .capture import DeltaInjector, GroupStats, LayerGroup, StatsCollector, find_groups
 from .deltas import DenseDelta, LowRankDelta
-from .models import TokenSample, base_weight, batches, make_batch
+from .errors import IterisError
+from .models import Batch, TokenSample, base_weight, batches, find_stack, first_block_call, make_batch, run_forward
+
+Delta = LowRankDelta | DenseDelta
+# A method's solve of one stage: (layer names, per-task {group: statistics}) -> {layer: merged delta}.
+StageSolve = Callable[[list[str], list[dict[str, GroupStats]]], dict[str, Delta]]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 class Calibration:
@@ -27,6 +45,8 @@ class Calibration:
         progress: bool,
         own_overrides: list[dict],
         merged_overrides: list[dict],
+        walk: str = "auto",
+        offload_states: bool = False,
     ):
         self.model = model
         self.layers = layers
@@ -36,17 +56,44 @@ class Calibration:
         self.batch_size = batch_size
         self.device = str(next(model.parameters()).device)
         self.progress = progress
-        self.merged_overrides = merged_overrides
         self.capture_seconds = 0.0
+        self.solve_seconds = 0.0
         self.injector = injector  # holds each adapter's own model as variant "own:<i>"
+        self._own_overrides = [self._on_model(o) for o in own_overrides]
+        self.merged_overrides = [self._on_model(o) for o in merged_overrides]
+        self.offload_states = offload_states
         probe = make_batch(task_samples[0][:1], pad_id, self.device)
         self.groups = find_groups(model, layers, probe)
         self.group_of = {m: g.name for g in self.groups for m in g.members}
+        self.stack = None
+        if walk not in ("auto", "blocks", "model"):
+            raise IterisError(f"calibration.walk must be auto, blocks or model, got '{walk}'")
+        if walk != "model":
+            self.stack = find_stack(model, layers, probe)
+            if self.stack is None and walk == "blocks":
+                raise IterisError(
+                    f"{type(model).__name__} does not run its target layers as one plain chain of blocks, so it "
+                    "cannot be walked block by block; set calibration.walk: auto (or model)"
+                )
         self.collector = StatsCollector(model, layers, self.groups, self.injector, stats_dtype)
-        self._own_overrides = own_overrides
+
+    def _on_model(self, overrides: dict) -> dict:
+        """modules_to_save tensors moved once, not at every block call."""
+        out = {}
+        for path, value in overrides.items():
+            current = self.model.get_parameter(path)
+            out[path] = value.to(device=current.device, dtype=current.dtype)
+        return out
+
+    @property
+    def walks_blocks(self) -> bool:
+        return self.stack is not None
 
     def base_weight(self, name: str) -> torch.Tensor:
         return base_weight(self.layers[name]).detach()
+
+    def set_merged(self, deltas: dict[str, Delta]) -> None:
+        self.injector.set_variant("merged", deltas)
 
     def _projections(self, adapter: LoraAdapter) -> dict[str, dict[str, torch.Tensor]]:
         out: dict[str, dict[str, torch.Tensor]] = {}
@@ -54,52 +101,145 @@ class Calibration:
             out.setdefault(self.group_of[name], {})[name] = lora.A
         return out
 
-    def _run(
-        self, i: int, merged: str | None, projections, gamma: float, want_cross: bool, keep_cross: bool, label: str
-    ):
-        n_batches = -(-len(self.task_samples[i]) // self.batch_size)
-        bar = tqdm(
-            total=n_batches,
-            desc=f"{label}: capture {self.task_names[i]}",
-            disable=not self.progress,
-            leave=False,
-            unit="batch",
-        )
-        start = time.perf_counter()
-        try:
-            return self.collector.collect(
-                batches(self.task_samples[i], self.batch_size, self.pad_id, self.device),
-                own_variant=f"own:{i}",
-                merged_variant=merged,
-                projections=projections,
-                own_overrides=self._own_overrides[i],
-                merged_overrides=self.merged_overrides[i],
-                gamma=gamma,
-                want_cross=want_cross,
-                keep_cross=keep_cross,
-                progress=bar,
+    def sweep(
+        self,
+        solve: StageSolve,
+        adapters: list[LoraAdapter],
+        *,
+        paired: bool,
+        projections: bool = True,
+        gamma: float = 0.0,
+        want_cross: bool = False,
+        keep_cross: bool = False,
+        out_norms: bool = False,
+        sequential: bool = False,
+        label: str = "",
+    ) -> dict[str, Delta]:
+        """Every task's statistics for every layer, handed to ``solve`` stage by stage; returns its deltas.
+
+        ``paired``: pair each adapter's own model with the merged model (variant "merged", set with
+        ``set_merged``) token by token; otherwise the adapter's own model alone (X~ = X).
+        ``sequential``: every layer group is a stage, solved in depth order, and its solution is installed
+        in the merged model at once, so later stages see the inputs of the already-merged layers before
+        them (DESIGN.md §3.6). Otherwise (the paper's global schedule) the merged model stays as set.
+        """
+        if sequential and not self.walks_blocks:
+            raise IterisError(
+                f"the sequential schedule walks the model block by block, and {type(self.model).__name__} does not "
+                "run its target layers as one plain chain of blocks; use schedule: global"
             )
-        finally:
-            self.capture_seconds += time.perf_counter() - start
-            bar.close()
-
-    def own_statistics(
-        self, adapters: list[LoraAdapter], projections: bool, label: str, want_cross: bool = False
-    ) -> list[dict[str, GroupStats]]:
-        """Each adapter's model on its own samples (X_i^T X_i per layer group, and A_i X_i^T X_i)."""
-        return [
-            self._run(i, None, self._projections(a) if projections else {}, 0.0, want_cross, False, label)
-            for i, a in enumerate(adapters)
+        if sequential:
+            self.set_merged({})
+        options = dict(
+            paired=paired or sequential, gamma=gamma, want_cross=want_cross, keep_cross=keep_cross, out_norms=out_norms
+        )
+        proj = [self._projections(a) if projections else {} for a in adapters]
+        task_batches = [
+            list(batches(samples, self.batch_size, self.pad_id, self.device)) for samples in self.task_samples
         ]
+        if self.walks_blocks:
+            return self._sweep_blocks(solve, task_batches, proj, options, sequential, label)
+        return self._sweep_model(solve, task_batches, proj, options, label)
 
-    def set_merged(self, deltas: dict[str, LowRankDelta | DenseDelta]) -> None:
-        self.injector.set_variant("merged", deltas)
+    def _timed_solve(self, solve: StageSolve, stage: list[LayerGroup], per_task) -> dict[str, Delta]:
+        _sync(self.device)
+        start = time.perf_counter()
+        out = solve([m for g in stage for m in g.members], per_task)
+        _sync(self.device)
+        self.solve_seconds += time.perf_counter() - start
+        return out
 
-    def paired_statistics(
-        self, i: int, adapter: LoraAdapter, gamma: float, want_cross: bool, label: str, keep_cross: bool = False
-    ) -> dict[str, GroupStats]:
-        """The merged model and adapter i's model on task i's samples, paired token by token."""
-        return self._run(i, "merged", self._projections(adapter), gamma, want_cross, keep_cross, label)
+    def _sweep_model(self, solve, task_batches, proj, options, label) -> dict[str, Delta]:
+        names = [g.name for g in self.groups]
+        per_task = []
+        bar = tqdm(total=sum(map(len, task_batches)), desc=f"{label}: capture", disable=not self.progress, leave=False,
+                   unit="batch")
+        start = time.perf_counter()
+        for i, task in enumerate(task_batches):
+            self.collector.start(names, proj[i], **options)
+            for batch in task:
+                with self.injector.use(f"own:{i}", self._own_overrides[i]):
+                    self.collector.own_pass(lambda: run_forward(self.model, batch), batch)
+                if options["paired"]:
+                    with self.injector.use("merged", self.merged_overrides[i]):
+                        self.collector.merged_pass(lambda: run_forward(self.model, batch), batch)
+                bar.update(1)
+            per_task.append(self.collector.finish())
+        _sync(self.device)
+        self.capture_seconds += time.perf_counter() - start
+        bar.close()
+        return self._timed_solve(solve, self.groups, per_task)
+
+    def _store(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.to("cpu", non_blocking=False) if self.offload_states else hidden
+
+    def _sweep_blocks(self, solve, task_batches, proj, options, sequential, label) -> dict[str, Delta]:
+        stack, paired = self.stack, options["paired"]
+        start = time.perf_counter()
+        own, merged = [], []
+        for i, task in enumerate(task_batches):
+            with self.injector.use(f"own:{i}", self._own_overrides[i]):
+                own.append([first_block_call(self.model, stack, b) for b in task])
+            if paired:
+                with self.injector.use("merged", self.merged_overrides[i]):
+                    merged.append([first_block_call(self.model, stack, b) for b in task])
+        for calls in own + merged:
+            for call in calls:
+                call.hidden = self._store(call.hidden)
+        capture = time.perf_counter() - start
+
+        result: dict[str, Delta] = {}
+        by_block: dict[int, list[LayerGroup]] = {}
+        for g in self.groups:
+            by_block.setdefault(stack.block_of[g.name], []).append(g)
+        bar = tqdm(total=len(stack.blocks), desc=f"{label}: blocks", disable=not self.progress, leave=False, unit="block")
+
+        def run(block, call, variant, overrides):
+            def forward():
+                with self.injector.use(variant, overrides):
+                    return call.run(block, call.hidden.to(self.device, non_blocking=True))
+
+            return forward
+
+        for b, block in enumerate(stack.blocks):
+            groups = by_block.get(b, [])
+            stages = [[g] for g in groups] if sequential else [groups]
+            for s, stage in enumerate(stages):
+                last = s == len(stages) - 1
+                stop_at = None if last else stages[s + 1][0].name
+                t0 = time.perf_counter()
+                per_task = []
+                for i, task in enumerate(task_batches):
+                    self.collector.start([g.name for g in stage], proj[i], stop_at=stop_at, **options)
+                    for j, batch in enumerate(task):
+                        out = self.collector.own_pass(run(block, own[i][j], f"own:{i}", self._own_overrides[i]), batch)
+                        if last:
+                            own[i][j].hidden = self._store(out)
+                        if paired:
+                            call = merged[i][j]
+                            out = self.collector.merged_pass(run(block, call, "merged", self.merged_overrides[i]), batch)
+                            if last and not sequential:
+                                call.hidden = self._store(out)
+                    per_task.append(self.collector.finish())
+                _sync(self.device)
+                capture += time.perf_counter() - t0
+                if stage:
+                    new = self._timed_solve(solve, stage, per_task)
+                    result.update(new)
+                    if sequential:
+                        self.set_merged(result)
+                del per_task
+            if sequential:
+                t0 = time.perf_counter()
+                for i in range(len(task_batches)):
+                    for call in merged[i]:
+                        call.hidden = self._store(run(block, call, "merged", self.merged_overrides[i])())
+                _sync(self.device)
+                capture += time.perf_counter() - t0
+            bar.update(1)
+        bar.close()
+        self.capture_seconds += capture
+        return result
 
     def close(self) -> None:
         self.collector.remove()

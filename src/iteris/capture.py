@@ -22,7 +22,7 @@ from torch import nn
 from .adapters import LoraModule
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
-from .models import Batch, run_forward
+from .models import Batch, StopForward, run_forward
 
 
 class DeltaInjector:
@@ -112,7 +112,7 @@ class LayerGroup:
     in_features: int
 
 
-def token_rows(x: torch.Tensor, masks: dict[int, torch.Tensor], where: str) -> torch.Tensor:
+def token_rows(x: torch.Tensor, masks: dict[int, torch.Tensor], where: str, full: frozenset[int] = frozenset()) -> torch.Tensor:
     """The rows of a layer input that are real tokens, padding dropped.
 
     (batch, tokens, d): the mask whose length matches. (batch * tokens, d), as some layers receive a
@@ -122,11 +122,11 @@ def token_rows(x: torch.Tensor, masks: dict[int, torch.Tensor], where: str) -> t
     if x.ndim == 3:
         mask = masks.get(x.shape[1])
         if mask is not None and mask.shape[0] == x.shape[0]:
-            return x[mask]
+            return x.reshape(-1, x.shape[-1]) if x.shape[1] in full else x[mask]
     elif x.ndim == 2:
-        for mask in masks.values():
+        for length, mask in masks.items():
             if x.shape[0] == mask.numel():
-                return x[mask.reshape(-1)]
+                return x if length in full else x[mask.reshape(-1)]
         if any(x.shape[0] == mask.shape[0] for mask in masks.values()):
             return x
     raise IterisError(
@@ -139,11 +139,13 @@ def token_rows(x: torch.Tensor, masks: dict[int, torch.Tensor], where: str) -> t
 def find_groups(model: nn.Module, layers: dict[str, nn.Module], probe: Batch) -> list[LayerGroup]:
     """Group layers that read the very same tensors, call by call, on one probe forward pass."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    first_call: dict[str, int] = {}
     handles = []
 
     def make(name):
         def pre_hook(module, args):
             seen[name].append(args[0])  # holding the references keeps ids unique for the whole pass
+            first_call.setdefault(name, len(first_call))
 
         return pre_hook
 
@@ -172,16 +174,19 @@ def find_groups(model: nn.Module, layers: dict[str, nn.Module], probe: Batch) ->
             by_inputs[key] = group
             groups.append(group)
         group.members.append(name)
-    return groups
+    # In the order the forward pass reaches them: the sequential schedule solves them in this order.
+    return sorted(groups, key=lambda g: min(first_call[m] for m in g.members))
 
 
 @dataclass
 class GroupStats:
-    """One task's statistics for one layer group (all float32/float64 on the model's device).
+    """One task's statistics for one layer group (float32/float64, on the layer's device).
 
-    gram:  Xh^T Xh, Xh = (1 - gamma) X~ + gamma X (X~: merged model's inputs, X: the adapter's own).
-    cross: X^T Xh, kept only when asked for (its Frobenius norm, or W0 X^T Xh, is needed).
-    proj:  A_m X^T Xh for each member m given a projection.
+    gram:   Xh^T Xh, Xh = (1 - gamma) X~ + gamma X (X~: merged model's inputs, X: the adapter's own).
+    cross:  X^T Xh, kept only when asked for (its Frobenius norm, or W0 X^T Xh, is needed).
+    proj:   A_m X^T Xh for each member m given a projection.
+    out_sq: ||X W_m^T||_F^2 per member, W_m the layer's weight in the adapter's own model (what the
+            layer outputs there), when asked for: the denominator of the adaptive weight.
     """
 
     gram: torch.Tensor
@@ -190,14 +195,34 @@ class GroupStats:
     tokens: int = 0
     same_inputs: bool = False  # X~ == X (no merged model yet): cross == gram
     cross_norm: float | None = None  # ||X^T Xh||_F, when the cross term was gathered
+    out_sq: dict[str, float] = field(default_factory=dict)
 
     @property
     def cross_or_gram(self) -> torch.Tensor | None:
         return self.gram if self.same_inputs else self.cross
 
 
+def add_product(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """acc += left^T right, without losing what half-precision features hold.
+
+    bf16/fp16 features from a half-precision model multiply at the half-precision GEMM rate straight into
+    the float32 accumulator (cuBLAS accumulates in float32): exactly the float32 product of those features,
+    at twice the TF32 rate. Anything else is cast to the accumulator's dtype first.
+    """
+    if acc.is_cuda and left.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32 and right.dtype == left.dtype:
+        torch.addmm(acc, left.T, right, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(left.T.to(acc.dtype), right.to(acc.dtype))
+
+
 class StatsCollector:
-    """Accumulates ``GroupStats`` for one task at a time through forward pre-hooks."""
+    """Accumulates ``GroupStats`` for one task at a time through forward hooks.
+
+    ``start`` says which groups to gather and what to gather; each batch then runs the adapter's own model
+    (``own_pass``) and, unless the merged model is the adapter's own, the merged model on the same tokens
+    (``merged_pass``); ``finish`` returns the task's statistics. A run may stop early at a named group:
+    its forward pass ends there, since nothing after it is wanted.
+    """
 
     def __init__(
         self,
@@ -213,30 +238,39 @@ class StatsCollector:
         self.injector = injector
         self.stats_dtype = stats_dtype
         self._masks: dict[int, torch.Tensor] = {}
+        self._full: frozenset[int] = frozenset()
         self._mode: str | None = None
+        self._active: set[str] = set()
+        self._stop_at: str | None = None
         self._stash: dict[str, list[torch.Tensor]] = {}
         self._stats: dict[str, GroupStats] = {}
-        self._projections: dict[str, dict[str, torch.Tensor]] = {}
+        self._projections: dict[str, tuple[list[str], torch.Tensor]] = {}
         self._gamma = 0.0
-        self._want_cross = False
-        self._handles = [
-            layers[g.name].register_forward_pre_hook(self._hook(g)) for g in groups
-        ]
+        self._want_cross = self._keep_cross = self._paired = self._out_norms = False
+        self._out_sq: dict[str, torch.Tensor] = {}
+        self._group_of = {m: g.name for g in groups for m in g.members}
+        # Registered after the injector's hooks, so output hooks see the adapter's update already added.
+        self._handles = [layers[g.name].register_forward_pre_hook(self._input_hook(g)) for g in groups]
+        self._handles += [m.register_forward_hook(self._output_hook(name)) for name, m in layers.items()]
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def _hook(self, group: LayerGroup):
+    def _input_hook(self, group: LayerGroup):
         def pre_hook(module, args):
             if self._mode is None:
                 return
-            rows = token_rows(args[0], self._masks, group.name).to(self.stats_dtype)
+            if group.name == self._stop_at:
+                raise StopForward
+            if group.name not in self._active:
+                return
+            rows = token_rows(args[0], self._masks, group.name, self._full)
             if self._mode == "stash":
                 self._stash.setdefault(group.name, []).append(rows)
             elif self._mode == "single":
-                self._accumulate(group, rows, rows, same=True)
+                self._accumulate(group, rows, rows)
             else:  # "paired": rows are the merged model's, the stash holds the adapter's own
                 stash = self._stash.get(group.name)
                 if not stash:
@@ -244,91 +278,122 @@ class StatsCollector:
                 own = stash.pop(0)  # a layer may run several times per pass
                 if own.shape != rows.shape:
                     raise IterisError(f"layer '{group.name}' saw a different number of tokens in the two models")
-                mixed = rows if self._gamma == 0.0 else (1.0 - self._gamma) * rows + self._gamma * own
-                self._accumulate(group, own, mixed, same=False)
+                if self._gamma != 0.0:
+                    rows = (1.0 - self._gamma) * rows.to(self.stats_dtype) + self._gamma * own.to(self.stats_dtype)
+                self._accumulate(group, own, rows)
 
         return pre_hook
 
-    def _accumulate(self, group: LayerGroup, own: torch.Tensor, mixed: torch.Tensor, same: bool) -> None:
+    def _output_hook(self, name: str):
+        group = self._group_of[name]
+
+        def hook(module, args, output):
+            if not self._out_norms or self._mode not in ("single", "stash") or group not in self._active:
+                return None
+            rows = token_rows(output, self._masks, name, self._full)
+            term = rows.to(torch.promote_types(rows.dtype, torch.float32)).square().sum(dtype=torch.float64)
+            acc = self._out_sq.get(name)
+            self._out_sq[name] = term if acc is None else acc.add_(term)
+            return None
+
+        return hook
+
+    def _accumulate(self, group: LayerGroup, own: torch.Tensor, mixed: torch.Tensor) -> None:
         st = self._stats.get(group.name)
         if st is None:
             d = group.in_features
             dev = own.device
             st = GroupStats(
                 gram=torch.zeros(d, d, dtype=self.stats_dtype, device=dev),
-                cross=torch.zeros(d, d, dtype=self.stats_dtype, device=dev) if (self._want_cross and not same) else None,
-                same_inputs=same,
+                cross=torch.zeros(d, d, dtype=self.stats_dtype, device=dev) if (self._want_cross and self._paired) else None,
+                same_inputs=not self._paired,
             )
             self._stats[group.name] = st
-        st.gram.addmm_(mixed.T, mixed)
+        add_product(st.gram, mixed, mixed)
         st.tokens += mixed.shape[0]
-        if same:
+        if not self._paired:
             return  # cross terms are the Gram itself; projections are taken from it at the end
         if st.cross is not None:
-            st.cross.addmm_(own.T, mixed)
-        projections = self._projections.get(group.name, {})
-        for member, A in projections.items():
-            acc = st.proj.get(member)
-            term = (own @ A.T).T @ mixed
-            st.proj[member] = term if acc is None else acc.add_(term)
+            add_product(st.cross, own, mixed)
+        if group.name in self._projections:
+            A = self._projections[group.name][2]
+            term = (own.to(A.dtype) @ A.T).T @ mixed.to(A.dtype)
+            acc = st.proj.get("")
+            st.proj[""] = term if acc is None else acc.add_(term)
 
-    def collect(
+    def start(
         self,
-        batches,
-        own_variant: str,
-        merged_variant: str | None,
+        groups: list[str],
         projections: dict[str, dict[str, torch.Tensor]],
-        own_overrides: dict[str, torch.Tensor] | None = None,
-        merged_overrides: dict[str, torch.Tensor] | None = None,
+        paired: bool,
         gamma: float = 0.0,
         want_cross: bool = False,
         keep_cross: bool = False,
-        progress=None,
-    ) -> dict[str, GroupStats]:
-        """Statistics of one task's samples.
+        out_norms: bool = False,
+        stop_at: str | None = None,
+    ) -> None:
+        """Begin one task's statistics for ``groups``.
 
-        ``merged_variant`` None means the merged model is the adapter's own model (iteration 0): one pass.
-        Otherwise each batch runs through the adapter's model (features stashed) and then through the
-        merged model on the same tokens, so rows pair up token by token.
         ``projections``: group -> member -> A (r x d_in) whose projected cross terms are wanted.
         ``want_cross`` gathers ||X^T Xh||_F; ``keep_cross`` also keeps X^T Xh itself (d_in x d_in).
+        ``out_norms`` gathers each member's output norm in the adapter's own model.
+        ``stop_at``: a group whose input ends every pass (nothing beyond it is needed).
         """
         self._stats = {}
+        self._out_sq = {}
+        self._active = set(groups)
+        self._stop_at = stop_at
+        self._paired = paired
         self._gamma = gamma
         self._want_cross = want_cross or keep_cross
-        self._projections = {
-            g: {m: A.to(device=self.layers[m].weight.device, dtype=self.stats_dtype) for m, A in members.items()}
-            for g, members in projections.items()
-        }
+        self._keep_cross = keep_cross
+        self._out_norms = out_norms
+        self._projections = {}
+        for g, members in projections.items():
+            if g not in self._active or not members:
+                continue
+            device = self.layers[g].weight.device
+            names = list(members)
+            A = torch.cat([members[m].to(device=device, dtype=self.stats_dtype) for m in names])
+            self._projections[g] = (names, [members[m].shape[0] for m in names], A)
+
+    def _run(self, mode: str, forward) -> object:
+        self._mode = mode
         try:
-            for batch in batches:
-                self._masks = batch.masks
-                if merged_variant is None:
-                    with self.injector.use(own_variant, own_overrides):
-                        self._mode = "single"
-                        run_forward(self.model, batch)
-                else:
-                    with self.injector.use(own_variant, own_overrides):
-                        self._mode = "stash"
-                        run_forward(self.model, batch)
-                    with self.injector.use(merged_variant, merged_overrides):
-                        self._mode = "paired"
-                        run_forward(self.model, batch)
-                    self._stash.clear()
-                self._mode = None
-                if progress is not None:
-                    progress.update(1)
+            return forward()
+        except StopForward:
+            return None
         finally:
             self._mode = None
+
+    def own_pass(self, forward, batch: Batch):
+        """The adapter's own model on one batch (``forward`` runs it, its variant already active)."""
+        self._masks, self._full = batch.masks, batch.full
+        return self._run("stash" if self._paired else "single", forward)
+
+    def merged_pass(self, forward, batch: Batch):
+        """The merged model on the batch the last ``own_pass`` ran on."""
+        self._masks, self._full = batch.masks, batch.full
+        try:
+            return self._run("paired", forward)
+        finally:
             self._stash.clear()
-            self._masks = {}
+
+    def finish(self) -> dict[str, GroupStats]:
         stats, self._stats = self._stats, {}
+        self._stash.clear()
+        self._masks = {}
         for group_name, st in stats.items():
-            if st.same_inputs:
-                st.proj = {m: A @ st.gram for m, A in self._projections.get(group_name, {}).items()}
+            if group_name in self._projections:
+                members, ranks, A = self._projections[group_name]
+                whole = A @ st.gram if st.same_inputs else st.proj.pop("")
+                st.proj = dict(zip(members, whole.split(ranks)))
             if self._want_cross:
                 st.cross_norm = float(torch.linalg.matrix_norm(st.cross_or_gram.double()))
-            if not keep_cross:
+            if not self._keep_cross:
                 st.cross = None  # only its norm was needed: free d_in^2 per group now
+        for name, value in self._out_sq.items():
+            stats[self._group_of[name]].out_sq[name] = float(value)
         self._projections = {}
+        self._out_sq = {}
         return stats

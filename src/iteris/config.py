@@ -25,6 +25,8 @@ class CalibrationConfig:
     generate: bool = False  # causal LMs: append each adapter's own greedy continuation to the sample
     max_new_tokens: int = 64  # for generated decoder targets / continuations
     stats_dtype: str = "auto"  # statistics' accumulation dtype: auto = float64 on CPU, float32 on GPU (solves: float64)
+    walk: str = "auto"  # blocks: one block at a time (memory flat in depth); model: whole passes; auto: blocks where possible
+    offload_states: bool = False  # keep the block-boundary hidden states in CPU memory (GPU memory flat in samples)
 
 
 @dataclass
@@ -59,6 +61,10 @@ class MergeConfig:
             _positive_int(f"calibration.{name}", getattr(c, name))
         if c.stats_dtype not in ("auto", "float32", "float64"):
             raise IterisError("calibration.stats_dtype must be auto, float32 or float64")
+        if c.walk not in ("auto", "blocks", "model"):
+            raise IterisError(f"calibration.walk must be auto, blocks or model, got {c.walk!r}")
+        if not isinstance(c.offload_states, bool):
+            raise IterisError(f"calibration.offload_states must be true or false, got {c.offload_states!r}")
         if not isinstance(self.parameters, dict):
             raise IterisError("'parameters' must be a mapping of the method's parameters")
         if self.rank is not None:

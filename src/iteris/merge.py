@@ -142,6 +142,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
         calib = Calibration(
             model, layers, injector, samples, [s.name for s in cfg.adapters], tokenizer.pad_token_id,
             cfg.calibration.batch_size, getattr(torch, stats_dtype), cfg.progress, own, merged,
+            walk=cfg.calibration.walk, offload_states=cfg.calibration.offload_states,
         )
     except BaseException:
         injector.remove()
@@ -151,6 +152,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
         "dtype": str(dtype).replace("torch.", ""),
         "stats_dtype": stats_dtype,
         "model_kind": kind,
+        "walk": "blocks" if calib.walks_blocks else "model",
         "layer_groups": len(calib.groups),
         "layers": len(layers),
         "shared_input_groups": {g.name: g.members for g in calib.groups if len(g.members) > 1},
@@ -228,7 +230,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
         report["timings"]["merge"] = time.perf_counter() - t1
         if calib is not None:
             report["timings"]["capture"] = calib.capture_seconds
-            report["timings"]["solve"] = report["timings"]["merge"] - calib.capture_seconds
+            report["timings"]["solve"] = calib.solve_seconds
         report.update(ctx.report)
     finally:
         if calib is not None:

@@ -41,18 +41,27 @@ class TaskLayerStats:
     weight: float
 
 
-def adaptive_weight(weight: torch.Tensor, gram: torch.Tensor) -> float:
-    """c = ||W||_F^2 / ||X W^T||_F^2 with ||X W^T||_F^2 = tr(W X^T X W^T): balances tasks of different scale.
+def weight_norm_sq(base: torch.Tensor, lora: LoraModule | None) -> float:
+    """||W0 + s B A||_F^2 = ||W0||^2 + 2 s <W0, B A> + s^2 ||B A||^2, never forming the d_out x d_in sum."""
+    dtype = torch.promote_types(base.dtype, torch.float32)
+    W0 = base.to(dtype)
+    total = float(W0.pow(2).sum(dtype=SOLVE_DTYPE))
+    if lora is None:
+        return total
+    A = lora.A.to(device=W0.device, dtype=dtype)
+    B = lora.B.to(device=W0.device, dtype=dtype)
+    cross = float(((B.T @ W0) * A).sum(dtype=SOLVE_DTYPE))
+    return total + 2.0 * lora.scale * cross + lora.scale**2 * LowRankDelta(B=B, A=A).norm_sq()
 
-    Computed in the statistics' own precision (float32 statistics give c to ~1e-6, far inside their own
-    error), since this d_out x d_in x d_in product costs more than the layer's whole solve."""
-    dtype = torch.promote_types(gram.dtype, torch.float32)
-    W = weight.to(device=gram.device, dtype=dtype)
-    G = gram.to(dtype)
-    denom = float(((W @ G) * W).sum(dtype=SOLVE_DTYPE))
-    if denom <= 0.0:
+
+def adaptive_weight(weight_sq: float, output_sq: float) -> float:
+    """c = ||W||_F^2 / ||X W^T||_F^2: balances tasks whose layers work at different scales.
+
+    ||X W^T||^2 is what the layer outputs in the adapter's own model, summed over real tokens during
+    capture, so it costs nothing beyond the forward pass (rather than a d_out x d_in x d_in product)."""
+    if output_sq <= 0.0:
         raise IterisError("adaptive weight undefined: a layer received all-zero inputs; set adaptive_weights: false")
-    return float(W.pow(2).sum(dtype=SOLVE_DTYPE)) / denom
+    return weight_sq / output_sq
 
 
 def regularize(matrix: torch.Tensor, alpha: float, norm: float | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..capture import GroupStats
 from ..deltas import relative_change
 from ..errors import IterisError
-from ..solve import TaskLayerStats, adaptive_weight, iteris_solve, pretrain_rhs
+from ..solve import TaskLayerStats, adaptive_weight, iteris_solve, pretrain_rhs, weight_norm_sq
 from .base import MergeContext, param, register
 
 
@@ -26,6 +26,11 @@ class IterISParams:
     adaptive_weights: bool = param(True, "c_i = ||W0 + dW_i||^2 / ||X_i (W0 + dW_i)^T||^2, balancing task scales")
     with_pretrain_matrix: bool = param(False, "fit the whole weight W0 + dW instead of the delta (dense result)")
     tol: float | None = param(None, "stop early once the merged deltas change by less than this (relative)")
+    schedule: str = param(
+        "global",
+        "global: the paper's rounds (solve every layer, then rerun the merged model); sequential: one sweep in "
+        "depth order, each layer solved on the inputs of the already-merged layers before it (iterations unused)",
+    )
 
     def validate(self):
         if self.iterations < 0:
@@ -34,32 +39,33 @@ class IterISParams:
             raise IterisError(f"iteris: gamma must be in [0, 1], got {self.gamma}")
         if self.alpha1 < 0 or self.alpha2 < 0:
             raise IterisError("iteris: alpha1 and alpha2 must be >= 0")
+        if self.schedule not in ("global", "sequential"):
+            raise IterisError(f"iteris: schedule must be global or sequential, got '{self.schedule}'")
         if self.tol is not None and self.tol <= 0:
             raise IterisError("iteris: tol must be > 0")
 
 
-def _task_weights(ctx: MergeContext, per_task: list[dict[str, GroupStats]]) -> dict[str, list[float]]:
-    """c_i per layer, fixed for the run: it depends only on each adapter's own inputs."""
+def _task_weights(ctx: MergeContext, names: list[str], per_task: list[dict[str, GroupStats]]) -> dict[str, list[float]]:
+    """c_i per layer, from what each layer outputs in each adapter's own model: fixed for the run."""
     calib = ctx.calibration
     if not ctx.params.adaptive_weights:
-        return {name: list(ctx.weights) for name in ctx.targets}
+        return {name: list(ctx.weights) for name in names}
     coef = {}
-    for name in ctx.targets:
+    for name in names:
+        base = calib.base_weight(name)
         group = calib.group_of[name]
-        W0 = calib.base_weight(name).to(torch.float64)  # once per layer, not once per task
-        row = []
-        for stats, lora, manual in zip(per_task, ctx.loras(name), ctx.weights):
-            W = W0 if lora is None else W0 + lora.delta().to(W0.device)
-            row.append(manual * adaptive_weight(W, stats[group].gram))
-        coef[name] = row
+        coef[name] = [
+            manual * adaptive_weight(weight_norm_sq(base, lora), stats[group].out_sq[name])
+            for stats, lora, manual in zip(per_task, ctx.loras(name), ctx.weights)
+        ]
     return coef
 
 
-def _solve_all(ctx: MergeContext, per_task: list[dict[str, GroupStats]], coef: dict[str, list[float]], label: str):
+def _solve_layers(ctx: MergeContext, names: list[str], per_task: list[dict[str, GroupStats]], coef) -> dict:
     p = ctx.params
     calib = ctx.calibration
-    deltas, fallbacks = {}, []
-    for name in tqdm(ctx.targets, desc=f"{label}: solve", disable=not ctx.progress, leave=False, unit="layer"):
+    deltas = {}
+    for name in names:
         group = calib.group_of[name]
         tasks = []
         base_rhs = None
@@ -73,8 +79,8 @@ def _solve_all(ctx: MergeContext, per_task: list[dict[str, GroupStats]], coef: d
                 base_rhs = term if base_rhs is None else base_rhs + term
         deltas[name], how = iteris_solve(tasks, ctx.loras(name), p.alpha1, p.alpha2, base_weight=W0, base_rhs=base_rhs)
         if how != "cholesky":
-            fallbacks.append(name)
-    return deltas, fallbacks
+            ctx.report.setdefault("singular_layers", []).append(name)
+    return deltas
 
 
 @register(
@@ -86,29 +92,37 @@ def _solve_all(ctx: MergeContext, per_task: list[dict[str, GroupStats]], coef: d
 def iteris(ctx: MergeContext):
     p = ctx.params
     calib = ctx.calibration
+    coef: dict[str, list[float]] = {}
+
+    def solve_stage(names, per_task):
+        fresh = [n for n in names if n not in coef]
+        if fresh:
+            coef.update(_task_weights(ctx, fresh, per_task))
+        return _solve_layers(ctx, names, per_task, coef)
+
+    capture = dict(
+        want_cross=p.alpha1 != 0.0, keep_cross=p.with_pretrain_matrix, out_norms=p.adaptive_weights
+    )
     history = []
-
     start = time.perf_counter()
-    per_task = calib.own_statistics(ctx.adapters, projections=True, label="iteration 0", want_cross=p.alpha1 != 0.0)
-    coef = _task_weights(ctx, per_task)
-    deltas, fallbacks = _solve_all(ctx, per_task, coef, "iteration 0")
-    del per_task
-    history.append({"iteration": 0, "relative_change": None, "seconds": time.perf_counter() - start})
+    if p.schedule == "sequential":
+        deltas = calib.sweep(solve_stage, ctx.adapters, paired=True, sequential=True, gamma=p.gamma, label="sequential",
+                             **capture)
+        history.append({"iteration": "sequential", "relative_change": None, "seconds": time.perf_counter() - start})
+        ctx.report["iterations"] = history
+        ctx.report["schedule"] = "sequential"
+        ctx.report["adaptive_weights"] = coef
+        return deltas
 
+    deltas = calib.sweep(solve_stage, ctx.adapters, paired=False, label="iteration 0", **capture)
+    history.append({"iteration": 0, "relative_change": None, "seconds": time.perf_counter() - start})
     converged = False
     rounds = tqdm(range(1, p.iterations + 1), desc="IterIS", disable=not ctx.progress or p.iterations == 0, unit="iter")
     for iteration in rounds:
         start = time.perf_counter()
         calib.set_merged(deltas)
-        per_task = [
-            calib.paired_statistics(
-                i, adapter, gamma=p.gamma, want_cross=p.alpha1 != 0.0, keep_cross=p.with_pretrain_matrix,
-                label=f"iteration {iteration}",
-            )
-            for i, adapter in enumerate(ctx.adapters)
-        ]
-        new, fallbacks = _solve_all(ctx, per_task, coef, f"iteration {iteration}")
-        del per_task
+        new = calib.sweep(solve_stage, ctx.adapters, paired=True, gamma=p.gamma, label=f"iteration {iteration}",
+                          **{**capture, "out_norms": False})
         per_module, diff_total, base_total = {}, 0.0, 0.0
         for name in ctx.targets:
             diff, base = relative_change(new[name], deltas[name])
@@ -131,8 +145,7 @@ def iteris(ctx: MergeContext):
             break
 
     ctx.report["iterations"] = history
+    ctx.report["schedule"] = "global"
     ctx.report["converged"] = converged if p.tol is not None else None
-    ctx.report["adaptive_weights"] = {name: row for name, row in coef.items()}
-    if fallbacks:
-        ctx.report["singular_layers"] = fallbacks
+    ctx.report["adaptive_weights"] = coef
     return deltas

@@ -27,16 +27,19 @@ class RegMeanParams:
 )
 def regmean(ctx: MergeContext):
     calib = ctx.calibration
-    per_task = calib.own_statistics(ctx.adapters, projections=False, label="regmean")
-    out = {}
-    for name in ctx.targets:
-        group = calib.group_of[name]
-        grams, weights = [], []
-        for stats, w in zip(per_task, ctx.weights):
-            st = stats[group]
-            grams.append(st.gram)
-            weights.append(w / st.tokens if ctx.params.normalize else w)
-        out[name], how = regmean_solve(grams, ctx.loras(name), ctx.params.reduction, weights)
-        if how != "cholesky":
-            ctx.report.setdefault("singular_layers", []).append(name)
-    return out
+
+    def solve_stage(names, per_task):
+        out = {}
+        for name in names:
+            group = calib.group_of[name]
+            grams, weights = [], []
+            for stats, w in zip(per_task, ctx.weights):
+                st = stats[group]
+                grams.append(st.gram)
+                weights.append(w / st.tokens if ctx.params.normalize else w)
+            out[name], how = regmean_solve(grams, ctx.loras(name), ctx.params.reduction, weights)
+            if how != "cholesky":
+                ctx.report.setdefault("singular_layers", []).append(name)
+        return out
+
+    return calib.sweep(solve_stage, ctx.adapters, paired=False, projections=False, label="regmean")

@@ -1,0 +1,98 @@
+"""Block-by-block walk against whole-model passes, and the sequential schedule against the global fixed point."""
+
+import pytest
+import torch
+
+import iteris
+from iteris import models
+from test_reference import _config, _rel
+
+
+def _merge(base, adapters, data, walk, **parameters):
+    # per_adapter: each task's model runs with its own head (PEFT modules_to_save), also block by block
+    cfg = _config(base, adapters, data, parameters=parameters, modules_to_save="per_adapter")
+    cfg["calibration"]["walk"] = walk
+    return iteris.merge(cfg)
+
+
+def _dense(result):
+    return {n: d.dense() for n, d in result.deltas.items()}
+
+
+def _max_rel(a, b):
+    return max(_rel(a[n], b[n]) for n in b)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("params", [
+    {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4},
+    {"iterations": 1, "gamma": 0.4, "alpha1": 1e-3, "alpha2": 1e-3, "with_pretrain_matrix": True},
+])
+def test_block_walk_equals_whole_model_passes(family, params, tiny_family_dir, adapters_for, calibration_file):
+    base = tiny_family_dir(family)
+    # bert's default targets include the pooler, outside the stack (that model then runs whole)
+    targets = {"bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense"]}.get(family)
+    adapters = adapters_for(family, 2, target_modules=targets) if targets else adapters_for(family, 2)
+    data = [calibration_file("jsonl", 6, s) for s in (0, 1)]
+    blocks = _merge(base, adapters, data, "blocks", **params)
+    whole = _merge(base, adapters, data, "model", **params)
+    assert blocks.report["calibration"]["walk"] == "blocks" and whole.report["calibration"]["walk"] == "model"
+    assert _max_rel(_dense(blocks), _dense(whole)) < 1e-10
+    # and the answer is not trivially the same for any parameters: iterations move it
+    once = _merge(base, adapters, data, "blocks", **{**params, "iterations": 0})
+    assert _max_rel(_dense(once), _dense(whole)) > 1e-4
+
+
+def test_regmean_block_walk_equals_whole_model(tiny_family_dir, adapters_for, calibration_file):
+    base = tiny_family_dir("llama")
+    adapters = adapters_for("llama", 2)
+    data = [calibration_file("jsonl", 6, s) for s in (0, 1)]
+    runs = {}
+    for walk in ("blocks", "model"):
+        cfg = _config(base, adapters, data, method="regmean")
+        cfg["calibration"]["walk"] = walk
+        runs[walk] = _dense(iteris.merge(cfg))
+    assert _max_rel(runs["blocks"], runs["model"]) < 1e-10
+
+
+def test_encoder_decoder_falls_back_to_whole_passes(tiny_family_dir, adapters_for, calibration_file):
+    base = tiny_family_dir("t5")
+    data = [calibration_file("jsonl_t5", 4, s) for s in (0, 1)]
+    result = _merge(base, adapters_for("t5", 2), data, "auto", iterations=1)
+    assert result.report["calibration"]["walk"] == "model"
+    with pytest.raises(iteris.IterisError, match="plain chain of blocks"):
+        _merge(base, adapters_for("t5", 2), data, "blocks", iterations=1)
+    with pytest.raises(iteris.IterisError, match="schedule: global"):
+        _merge(base, adapters_for("t5", 2), data, "auto", schedule="sequential")
+
+
+def test_stack_found_for_decoders_only_where_it_is_a_plain_chain(load_tiny):
+    for family, expected in (("llama", "model.layers"), ("gpt2", "transformer.h"), ("t5", None)):
+        model, tok = load_tiny(family)
+        names = [n for n, m in model.named_modules() if models.is_mergeable_layer(m) and ("attn" in n or "Attention" in n or "SelfAttention" in n)]
+        layers = models.resolve_layers(model, names)
+        ids = tok(["the river runs under the old bridge"], return_tensors="pt")
+        probe = models.make_batch([models.TokenSample(input_ids=ids["input_ids"][0].tolist(),
+                                                      decoder_ids=[0, 5, 6] if family == "t5" else None)], 0, "cpu")
+        stack = models.find_stack(model, layers, probe)
+        if expected is None:
+            assert stack is None
+        else:
+            assert stack is not None and stack.blocks[0] is model.get_submodule(expected)[0]
+            assert set(stack.block_of.values()) == set(range(len(stack.blocks)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sequential_schedule_reaches_the_global_fixed_point(family, tiny_family_dir, adapters_for, calibration_file):
+    """On a feed-forward stack the fixed point of the global rounds is exactly what one sequential sweep
+    computes: each layer's merged inputs come only from the layers before it."""
+    base = tiny_family_dir(family)
+    adapters = adapters_for(family, 2, r=2, lora_alpha=1)  # small deltas: the global rounds converge fast
+    data = [calibration_file("jsonl", 6, s) for s in (0, 1)]
+    params = {"alpha1": 1e-3, "alpha2": 1e-3}
+    sequential = _dense(_merge(base, adapters, data, "auto", schedule="sequential", **params))
+    converged = _merge(base, adapters, data, "auto", iterations=40, tol=1e-13, **params)
+    assert converged.report["converged"]
+    few = _dense(_merge(base, adapters, data, "auto", iterations=1, **params))
+    assert _max_rel(sequential, _dense(converged)) < 1e-9
+    assert _max_rel(few, _dense(converged)) > 1e3 * _max_rel(sequential, _dense(converged))
