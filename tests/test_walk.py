@@ -27,6 +27,8 @@ def _max_rel(a, b):
 @pytest.mark.parametrize("params", [
     {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4},
     {"iterations": 1, "gamma": 0.4, "alpha1": 1e-3, "alpha2": 1e-3, "with_pretrain_matrix": True},
+    # gamma = 0 and alpha1 = 0: later rounds reuse the adapters' remembered projected inputs
+    {"iterations": 2, "alpha1": 0.0, "alpha2": 1e-3},
 ])
 def test_block_walk_equals_whole_model_passes(family, params, tiny_family_dir, adapters_for, calibration_file):
     base = tiny_family_dir(family)
@@ -96,3 +98,18 @@ def test_sequential_schedule_reaches_the_global_fixed_point(family, tiny_family_
     few = _dense(_merge(base, adapters, data, "auto", iterations=1, **params))
     assert _max_rel(sequential, _dense(converged)) < 1e-9
     assert _max_rel(few, _dense(converged)) > 1e3 * _max_rel(sequential, _dense(converged))
+
+
+def test_gram_upper_blocks_and_mirror(monkeypatch):
+    from iteris import capture
+
+    blocks = capture._gram_blocks
+    assert len(blocks(2048)) == 1 and len(blocks(4096)) == 2 and len(blocks(14336)) == 4
+    assert sum(s.stop - s.start for s in blocks(14336)) == 14336
+    monkeypatch.setattr(capture, "_gram_blocks", lambda d: [slice(0, 3), slice(3, 7), slice(7, d)])
+    x = torch.randn(20, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    acc = torch.zeros(11, 11, dtype=torch.float64)
+    capture.add_gram(acc, x)
+    capture.add_gram(acc, 2 * x)
+    capture.mirror_gram(acc)
+    torch.testing.assert_close(acc, 5 * x.T @ x, rtol=1e-12, atol=1e-12)

@@ -62,6 +62,7 @@ class Calibration:
         self._own_overrides = [self._on_model(o) for o in own_overrides]
         self.merged_overrides = [self._on_model(o) for o in merged_overrides]
         self.offload_states = offload_states
+        self._remembered: list[list[dict]] | None = None  # [task][batch] -> group -> projected own rows
         probe = make_batch(task_samples[0][:1], pad_id, self.device)
         self.groups = find_groups(model, layers, probe)
         self.group_of = {m: g.name for g in self.groups for m in g.members}
@@ -113,6 +114,7 @@ class Calibration:
         keep_cross: bool = False,
         out_norms: bool = False,
         sequential: bool = False,
+        remember: bool = False,
         label: str = "",
     ) -> dict[str, Delta]:
         """Every task's statistics for every layer, handed to ``solve`` stage by stage; returns its deltas.
@@ -122,6 +124,9 @@ class Calibration:
         ``sequential``: every layer group is a stage, solved in depth order, and its solution is installed
         in the merged model at once, so later stages see the inputs of the already-merged layers before
         them (DESIGN.md §3.6). Otherwise (the paper's global schedule) the merged model stays as set.
+        ``remember`` (own-only sweeps): keep each adapter's inputs projected on its A (tokens x r per layer
+        group), so later paired sweeps that need nothing else of them (gamma = 0, no cross term) skip
+        running the adapters' own models altogether.
         """
         if sequential and not self.walks_blocks:
             raise IterisError(
@@ -138,7 +143,11 @@ class Calibration:
             list(batches(samples, self.batch_size, self.pad_id, self.device)) for samples in self.task_samples
         ]
         if self.walks_blocks:
-            return self._sweep_blocks(solve, task_batches, proj, options, sequential, label)
+            if remember and not options["paired"]:
+                self._remembered = [[{} for _ in task] for task in task_batches]
+            recall = (options["paired"] and not sequential and self._remembered is not None and gamma == 0.0
+                      and not want_cross and not keep_cross and projections)
+            return self._sweep_blocks(solve, task_batches, proj, options, sequential, label, recall)
         return self._sweep_model(solve, task_batches, proj, options, label)
 
     def _timed_solve(self, solve: StageSolve, stage: list[LayerGroup], per_task) -> dict[str, Delta]:
@@ -173,13 +182,15 @@ class Calibration:
     def _store(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.to("cpu", non_blocking=False) if self.offload_states else hidden
 
-    def _sweep_blocks(self, solve, task_batches, proj, options, sequential, label) -> dict[str, Delta]:
+    def _sweep_blocks(self, solve, task_batches, proj, options, sequential, label, recall) -> dict[str, Delta]:
         stack, paired = self.stack, options["paired"]
+        remember = self._remembered if not paired else None
         start = time.perf_counter()
         own, merged = [], []
         for i, task in enumerate(task_batches):
-            with self.injector.use(f"own:{i}", self._own_overrides[i]):
-                own.append([first_block_call(self.model, stack, b) for b in task])
+            if not recall:
+                with self.injector.use(f"own:{i}", self._own_overrides[i]):
+                    own.append([first_block_call(self.model, stack, b) for b in task])
             if paired:
                 with self.injector.use("merged", self.merged_overrides[i]):
                     merged.append([first_block_call(self.model, stack, b) for b in task])
@@ -210,14 +221,17 @@ class Calibration:
                 t0 = time.perf_counter()
                 per_task = []
                 for i, task in enumerate(task_batches):
-                    self.collector.start([g.name for g in stage], proj[i], stop_at=stop_at, **options)
+                    self.collector.start([g.name for g in stage], proj[i], stop_at=stop_at, store=self._store, **options)
                     for j, batch in enumerate(task):
-                        out = self.collector.own_pass(run(block, own[i][j], f"own:{i}", self._own_overrides[i]), batch)
-                        if last:
-                            own[i][j].hidden = self._store(out)
+                        if not recall:
+                            forward = run(block, own[i][j], f"own:{i}", self._own_overrides[i])
+                            out = self.collector.own_pass(forward, batch, remember[i][j] if remember else None)
+                            if last:
+                                own[i][j].hidden = self._store(out)
                         if paired:
                             call = merged[i][j]
-                            out = self.collector.merged_pass(run(block, call, "merged", self.merged_overrides[i]), batch)
+                            forward = run(block, call, "merged", self.merged_overrides[i])
+                            out = self.collector.merged_pass(forward, batch, self._remembered[i][j] if recall else None)
                             if last and not sequential:
                                 call.hidden = self._store(out)
                     per_task.append(self.collector.finish())
@@ -242,5 +256,6 @@ class Calibration:
         return result
 
     def close(self) -> None:
+        self._remembered = None
         self.collector.remove()
         self.injector.remove()

@@ -25,6 +25,21 @@ from .errors import IterisError
 from .models import Batch, StopForward, run_forward
 
 
+@contextlib.contextmanager
+def _tf32_if_half(x: torch.Tensor):
+    """TF32 for the update of a bf16/fp16 layer: its input is exact in TF32 and its output is rounded to
+    half precision anyway, so the float32 GEMMs need not run at a tenth of the tensor-core rate."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 class DeltaInjector:
     """Makes the loaded base model behave as a chosen variant (an adapter, or the merged model)."""
 
@@ -42,11 +57,12 @@ class DeltaInjector:
                 return None
             x = args[0]
             kind, first, second, scale = update
-            h = x.to(first.dtype)
-            if kind == "lowrank":
-                h = (h @ first.T) @ second.T
-            else:
-                h = h @ first.T
+            with _tf32_if_half(x):
+                h = x.to(first.dtype)
+                if kind == "lowrank":
+                    h = (h @ first.T) @ second.T
+                else:
+                    h = h @ first.T
             if scale != 1.0:
                 h = h * scale
             return output + h.to(output.dtype)
@@ -209,10 +225,47 @@ def add_product(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
     the float32 accumulator (cuBLAS accumulates in float32): exactly the float32 product of those features,
     at twice the TF32 rate. Anything else is cast to the accumulator's dtype first.
     """
-    if acc.is_cuda and left.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32 and right.dtype == left.dtype:
-        torch.addmm(acc, left.T, right, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(left.T.to(acc.dtype), right.to(acc.dtype))
+    global _HALF_INTO_FLOAT32
+    if (_HALF_INTO_FLOAT32 and acc.is_cuda and acc.dtype == torch.float32
+            and left.dtype in (torch.bfloat16, torch.float16) and right.dtype == left.dtype):
+        try:
+            if acc.is_contiguous():
+                torch.addmm(acc, left.T, right, out_dtype=torch.float32, out=acc)
+            else:
+                acc.add_(torch.mm(left.T, right, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError):  # a torch without mixed-output GEMMs: cast instead, from now on
+            _HALF_INTO_FLOAT32 = False
+    acc.addmm_(left.T.to(acc.dtype), right.to(acc.dtype))
+
+
+def _gram_blocks(d: int) -> list[slice]:
+    """Column blocks of a Gram: only blocks on and above the diagonal are computed (k(k+1)/2 of k^2)."""
+    k = 1 if d <= 2048 else 2 if d <= 8192 else 4
+    edges = [round(i * d / k) for i in range(k + 1)]
+    return [slice(edges[i], edges[i + 1]) for i in range(k)]
+
+
+def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += x^T x, upper block triangle only (``mirror_gram`` completes it): a Gram is symmetric, so
+    computing the lower blocks would spend up to half the GEMM work on copies."""
+    blocks = _gram_blocks(acc.shape[0])
+    if len(blocks) == 1:
+        add_product(acc, x, x)
+        return
+    for i, a in enumerate(blocks):
+        for b in blocks[i:]:
+            add_product(acc[a, b], x[:, a], x[:, b])
+
+
+def mirror_gram(acc: torch.Tensor) -> None:
+    blocks = _gram_blocks(acc.shape[0])
+    for i, a in enumerate(blocks):
+        for b in blocks[i + 1:]:
+            acc[b, a].copy_(acc[a, b].T)
+
+
+_HALF_INTO_FLOAT32 = True
 
 
 class StatsCollector:
@@ -248,6 +301,10 @@ class StatsCollector:
         self._gamma = 0.0
         self._want_cross = self._keep_cross = self._paired = self._out_norms = False
         self._out_sq: dict[str, torch.Tensor] = {}
+        self._remember: dict[str, list[torch.Tensor]] | None = None
+        self._recall: dict[str, list[torch.Tensor]] | None = None
+        self._recall_pos: dict[str, int] = {}
+        self._store = lambda t: t
         self._group_of = {m: g.name for g in groups for m in g.members}
         # Registered after the injector's hooks, so output hooks see the adapter's update already added.
         self._handles = [layers[g.name].register_forward_pre_hook(self._input_hook(g)) for g in groups]
@@ -270,6 +327,8 @@ class StatsCollector:
             if self._mode == "stash":
                 self._stash.setdefault(group.name, []).append(rows)
             elif self._mode == "single":
+                self._accumulate(group, rows, rows)
+            elif self._recall is not None:  # merged rows, the adapter's own projected rows remembered
                 self._accumulate(group, rows, rows)
             else:  # "paired": rows are the merged model's, the stash holds the adapter's own
                 stash = self._stash.get(group.name)
@@ -309,15 +368,26 @@ class StatsCollector:
                 same_inputs=not self._paired,
             )
             self._stats[group.name] = st
-        add_product(st.gram, mixed, mixed)
+        add_gram(st.gram, mixed)
         st.tokens += mixed.shape[0]
+        projection = self._projections.get(group.name)
         if not self._paired:
-            return  # cross terms are the Gram itself; projections are taken from it at the end
+            # cross terms are the Gram itself; projections are taken from it at the end
+            if self._remember is not None and projection is not None:
+                A = projection[2]
+                self._remember.setdefault(group.name, []).append(self._store(own.to(A.dtype) @ A.T))
+            return
         if st.cross is not None:
             add_product(st.cross, own, mixed)
-        if group.name in self._projections:
-            A = self._projections[group.name][2]
-            term = (own.to(A.dtype) @ A.T).T @ mixed.to(A.dtype)
+        if projection is not None:
+            A = projection[2]
+            if self._recall is None:
+                projected = own.to(A.dtype) @ A.T
+            else:  # the k-th call of this layer in the pass pairs with the k-th remembered one
+                k = self._recall_pos.get(group.name, 0)
+                self._recall_pos[group.name] = k + 1
+                projected = self._recall[group.name][k].to(A.device, non_blocking=True)
+            term = projected.T @ mixed.to(A.dtype)
             acc = st.proj.get("")
             st.proj[""] = term if acc is None else acc.add_(term)
 
@@ -331,6 +401,7 @@ class StatsCollector:
         keep_cross: bool = False,
         out_norms: bool = False,
         stop_at: str | None = None,
+        store=None,
     ) -> None:
         """Begin one task's statistics for ``groups``.
 
@@ -338,7 +409,9 @@ class StatsCollector:
         ``want_cross`` gathers ||X^T Xh||_F; ``keep_cross`` also keeps X^T Xh itself (d_in x d_in).
         ``out_norms`` gathers each member's output norm in the adapter's own model.
         ``stop_at``: a group whose input ends every pass (nothing beyond it is needed).
+        ``store``: where remembered projections are kept (a function placing a tensor: GPU or CPU).
         """
+        self._store = store or (lambda t: t)
         self._stats = {}
         self._out_sq = {}
         self._active = set(groups)
@@ -366,24 +439,35 @@ class StatsCollector:
         finally:
             self._mode = None
 
-    def own_pass(self, forward, batch: Batch):
-        """The adapter's own model on one batch (``forward`` runs it, its variant already active)."""
-        self._masks, self._full = batch.masks, batch.full
-        return self._run("stash" if self._paired else "single", forward)
+    def own_pass(self, forward, batch: Batch, remember: dict[str, list[torch.Tensor]] | None = None):
+        """The adapter's own model on one batch (``forward`` runs it, its variant already active).
 
-    def merged_pass(self, forward, batch: Batch):
-        """The merged model on the batch the last ``own_pass`` ran on."""
+        ``remember`` (own-only runs): filled with each group's rows projected on the adapter's A, all a
+        later paired run needs of this model when gamma = 0 and no cross term is wanted."""
         self._masks, self._full = batch.masks, batch.full
+        self._remember = remember
+        try:
+            return self._run("stash" if self._paired else "single", forward)
+        finally:
+            self._remember = None
+
+    def merged_pass(self, forward, batch: Batch, recall: dict[str, list[torch.Tensor]] | None = None):
+        """The merged model on the batch the last ``own_pass`` ran on, or, given ``recall`` (what
+        ``own_pass(remember=...)`` kept of this batch: the adapter's own rows projected on A), alone."""
+        self._masks, self._full = batch.masks, batch.full
+        self._recall, self._recall_pos = recall, {}
         try:
             return self._run("paired", forward)
         finally:
             self._stash.clear()
+            self._recall = None
 
     def finish(self) -> dict[str, GroupStats]:
         stats, self._stats = self._stats, {}
         self._stash.clear()
         self._masks = {}
         for group_name, st in stats.items():
+            mirror_gram(st.gram)
             if group_name in self._projections:
                 members, ranks, A = self._projections[group_name]
                 whole = A @ st.gram if st.same_inputs else st.proj.pop("")

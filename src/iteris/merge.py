@@ -14,6 +14,7 @@ import torch
 from .adapters import LoraAdapter, check_compatible, load_adapter, target_modules
 from .config import CalibrationConfig, MergeConfig, build_section, load_config
 from .data import load_records, select_samples
+from .models import TokenSample
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
 from .methods import MergeContext, get_method
@@ -219,19 +220,13 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
 
             check_against_base(cfg.base_model, adapters, targets)
         report["timings"]["load"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
         from .models import resolve_device
 
         ctx = MergeContext(
             adapters=adapters, weights=weights, targets=targets, params=params, calibration=calib,
             progress=cfg.progress, device=resolve_device(cfg.device),
         )
-        raw = spec.fn(ctx)
-        report["timings"]["merge"] = time.perf_counter() - t1
-        if calib is not None:
-            report["timings"]["capture"] = calib.capture_seconds
-            report["timings"]["solve"] = calib.solve_seconds
-        report.update(ctx.report)
+        raw = _run_method(spec, ctx, report)
     finally:
         if calib is not None:
             calib.close()
@@ -254,6 +249,77 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     if out is not None:
         result.save(out, force=force)
     return result
+
+
+def _run_method(spec, ctx: MergeContext, report: dict) -> dict:
+    start = time.perf_counter()
+    raw = spec.fn(ctx)
+    report["timings"]["merge"] = time.perf_counter() - start
+    if ctx.calibration is not None:
+        report["timings"]["capture"] = ctx.calibration.capture_seconds
+        report["timings"]["solve"] = ctx.calibration.solve_seconds
+    report.update(ctx.report)
+    return raw
+
+
+def merge_loaded(
+    model,
+    adapters: list[LoraAdapter],
+    samples: list[list[TokenSample]],
+    *,
+    method: str = "iteris",
+    parameters: dict | None = None,
+    weights: list[float] | None = None,
+    pad_id: int = 0,
+    calibration: CalibrationConfig | dict | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, LowRankDelta], dict]:
+    """Merge adapters already in memory on a model already loaded (any device, any dtype).
+
+    For notebooks and benchmarks: ``samples`` are each adapter's calibration token ids; nothing is read
+    from or written to disk. Returns the merged LoRA factors per layer and the report.
+    """
+    from . import models
+    from .calibration import Calibration
+    from .capture import DeltaInjector
+
+    spec = get_method(method)
+    params = spec.parse_params(parameters)
+    cal = calibration if isinstance(calibration, CalibrationConfig) else build_section(
+        CalibrationConfig, dict(calibration or {}), "calibration"
+    )
+    check_compatible(adapters)
+    targets = target_modules(adapters)
+    weights = [float(w) for w in (weights or [1.0] * len(adapters))]
+    layers = models.resolve_layers(model, targets)
+    models.check_layer_shapes(layers, adapters)
+    device = str(next(model.parameters()).device)
+    stats_dtype = cal.stats_dtype if cal.stats_dtype != "auto" else ("float64" if device == "cpu" else "float32")
+    report: dict = {"method": spec.name, "parameters": asdict(params), "timings": {}}
+    calib = None
+    injector = DeltaInjector(model, layers)
+    try:
+        if spec.needs_calibration:
+            for i, adapter in enumerate(adapters):
+                injector.set_variant(f"own:{i}", adapter.modules)
+            calib = Calibration(
+                model, layers, injector, samples, [a.name for a in adapters], pad_id, cal.batch_size,
+                getattr(torch, stats_dtype), progress, [{} for _ in adapters], [{} for _ in adapters],
+                walk=cal.walk, offload_states=cal.offload_states,
+            )
+            report["calibration"] = {"walk": "blocks" if calib.walks_blocks else "model", "stats_dtype": stats_dtype}
+        ctx = MergeContext(adapters=adapters, weights=weights, targets=targets, params=params, calibration=calib,
+                           progress=progress, device=device)
+        raw = _run_method(spec, ctx, report)
+    finally:
+        if calib is not None:
+            calib.close()
+        else:
+            injector.remove()
+    start = time.perf_counter()
+    deltas, _ = to_lora(raw, None, default_rank=lambda n: sum(l.rank for l in ctx.loras(n) if l is not None))
+    report["timings"]["to_cpu"] = time.perf_counter() - start
+    return deltas, report
 
 
 def to_lora(raw: dict, rank: int | None, default_rank) -> tuple[dict[str, LowRankDelta], dict[str, float]]:
