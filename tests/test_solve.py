@@ -5,7 +5,7 @@ import torch
 
 from iteris.adapters import LoraModule
 from iteris.errors import IterisError
-from iteris.solve import TaskLayerStats, adaptive_weight, iteris_solve, regmean_solve, solve_right, weight_norm_sq
+from iteris.solve import TaskLayerStats, adaptive_weight, iteris_solve, regmean_solve, solve_right, solve_right_many, weight_norm_sq
 
 F64 = torch.float64
 
@@ -124,3 +124,20 @@ def test_singular_system_falls_back_to_pseudo_inverse():
     sol, how = solve_right(Q, R)
     assert how == "pinv"
     assert torch.allclose(sol @ Q, R, atol=1e-8)
+
+
+def test_batched_solves_match_one_by_one_and_fall_back_when_singular():
+    g = torch.Generator().manual_seed(7)
+    Qs, Rs = [], []
+    for k in range(4):
+        X = torch.randn(30 if k != 2 else 3, 6, generator=g, dtype=F64)  # k = 2: rank 3 of 6, singular
+        Qs.append(X.T @ X)
+        Rs.append(torch.randn(5, 6, generator=g, dtype=F64))
+    Qs.append(torch.eye(4, dtype=F64))  # another shape: solved on its own
+    Rs.append(torch.randn(5, 4, generator=g, dtype=F64))
+    batched = solve_right_many(Qs, Rs)
+    for (sol, how), Q, R in zip(batched, Qs, Rs):
+        want, want_how = solve_right(Q, R)
+        assert how == want_how
+        torch.testing.assert_close(sol, want, rtol=1e-9, atol=1e-9)
+    assert [how for _, how in batched] == ["cholesky", "cholesky", "pinv", "cholesky", "cholesky"]

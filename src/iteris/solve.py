@@ -93,6 +93,74 @@ def solve_right(Q: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, str]:
     return R @ torch.linalg.pinv(Q, hermitian=True), "pinv"
 
 
+def solve_right_many(Qs: list[torch.Tensor], Rs: list[torch.Tensor]) -> list[tuple[torch.Tensor, str]]:
+    """R_k Q_k^-1 for several layers at once: same-shaped problems share one batched Cholesky (one launch,
+    one check), the rest go one by one; a singular Q falls back to least squares as in ``solve_right``."""
+    out: list[tuple[torch.Tensor, str] | None] = [None] * len(Qs)
+    by_shape: dict[tuple, list[int]] = {}
+    for k, (Q, R) in enumerate(zip(Qs, Rs)):
+        by_shape.setdefault((tuple(Q.shape), tuple(R.shape), Q.device), []).append(k)
+    for members in by_shape.values():
+        if len(members) == 1:
+            k = members[0]
+            out[k] = solve_right(Qs[k], Rs[k])
+            continue
+        Q = torch.stack([Qs[k] for k in members])
+        R = torch.stack([Rs[k] for k in members])
+        L, info = torch.linalg.cholesky_ex(Q)
+        X = torch.cholesky_solve(R.transpose(-1, -2), L).transpose(-1, -2)
+        failed = info.nonzero().flatten().tolist()
+        for position, k in enumerate(members):
+            out[k] = solve_right(Qs[k], Rs[k]) if position in failed else (X[position], "cholesky")
+    return out
+
+
+def iteris_solve_many(
+    layers: list[tuple[list[TaskLayerStats], list[LoraModule | None]]], alpha1: float, alpha2: float
+) -> list[tuple[LowRankDelta, str]]:
+    """The default-mode solve of several layers (one stage): each task's Gram is converted to float64 and
+    its norm taken once, however many layers share it (q/k/v, gate/up), and Q is formed as
+    sum_i c_i G_i + (a2 sum_i c_i ||G_i||) I; the Choleskys run batched."""
+    converted: dict[int, tuple[torch.Tensor, float]] = {}
+
+    def f64(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+        key = id(gram)
+        if key not in converted:
+            G = gram.to(SOLVE_DTYPE)
+            converted[key] = (G, float(torch.linalg.matrix_norm(G)) if alpha2 else 0.0)
+        return converted[key]
+
+    Qs, Rs, Bs = [], [], []
+    for tasks, loras in layers:
+        device = tasks[0].gram.device
+        d = tasks[0].gram.shape[0]
+        Q = torch.zeros(d, d, dtype=SOLVE_DTYPE, device=device)
+        shift = 0.0
+        for t in tasks:
+            G, norm = f64(t.gram)
+            Q.add_(G, alpha=t.weight)
+            shift += t.weight * alpha2 * norm
+        Q.diagonal().add_(shift)
+        Qs.append(Q)
+        Rs.append(_stacked_rows(tasks, loras, alpha1, device))
+        Bs.append(stacked_b(loras, device))
+    converted.clear()
+    return [(LowRankDelta(B=B, A=A), how) for B, (A, how) in zip(Bs, solve_right_many(Qs, Rs))]
+
+
+def _stacked_rows(tasks: list[TaskLayerStats], loras, alpha1: float, device) -> torch.Tensor:
+    """R: the rows c_i s_i (A_i X_i^T Xh_i + a1 ||X_i^T Xh_i|| A_i), stacked in adapter order."""
+    rows = []
+    for t, lora in zip(tasks, loras):
+        if lora is None:
+            continue
+        proj = t.cross_proj.to(SOLVE_DTYPE)
+        if alpha1 != 0.0:
+            proj = proj + (alpha1 * t.cross_norm) * lora.A.to(device=device, dtype=SOLVE_DTYPE)
+        rows.append((t.weight * lora.scale) * proj)
+    return torch.cat(rows, dim=0)
+
+
 def stacked_b(loras: list[LoraModule | None], device=None) -> torch.Tensor:
     return torch.cat([m.B.to(device=device, dtype=SOLVE_DTYPE) for m in loras if m is not None], dim=1)
 
@@ -111,21 +179,12 @@ def iteris_solve(
     (sum_i c_i W0 (X_i^T Xh_i + a1 ||.|| I)) the whole weight is fitted (``with_pretrain_matrix``) and the
     dense update W* - W0 is returned.
     """
+    if base_weight is None:
+        return iteris_solve_many([(tasks, loras)], alpha1, alpha2)[0]
     device = tasks[0].gram.device  # statistics stay where they were gathered; adapters may live elsewhere
     Q = sum(t.weight * regularize(t.gram, alpha2) for t in tasks)
-    rows = []
-    for t, lora in zip(tasks, loras):
-        if lora is None:
-            continue
-        proj = t.cross_proj.to(SOLVE_DTYPE)
-        if alpha1 != 0.0:
-            proj = proj + (alpha1 * t.cross_norm) * lora.A.to(device=device, dtype=SOLVE_DTYPE)
-        rows.append((t.weight * lora.scale) * proj)
-    R = torch.cat(rows, dim=0)
+    R = _stacked_rows(tasks, loras, alpha1, device)
     B_cat = stacked_b(loras, device)
-    if base_weight is None:
-        A_star, how = solve_right(Q, R)
-        return LowRankDelta(B=B_cat, A=A_star), how
     P = base_rhs.to(device=device, dtype=SOLVE_DTYPE) + B_cat @ R
     W_star, how = solve_right(Q, P)
     return DenseDelta(D=W_star - base_weight.to(device=device, dtype=SOLVE_DTYPE)), how

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..capture import GroupStats
 from ..deltas import relative_change
 from ..errors import IterisError
-from ..solve import TaskLayerStats, adaptive_weight, iteris_solve, pretrain_rhs, weight_norm_sq
+from ..solve import TaskLayerStats, adaptive_weight, iteris_solve, iteris_solve_many, pretrain_rhs, weight_norm_sq
 from .base import MergeContext, param, register
 
 
@@ -64,20 +64,35 @@ def _task_weights(ctx: MergeContext, names: list[str], per_task: list[dict[str, 
 def _solve_layers(ctx: MergeContext, names: list[str], per_task: list[dict[str, GroupStats]], coef) -> dict:
     p = ctx.params
     calib = ctx.calibration
-    deltas = {}
+    problems = []
     for name in names:
         group = calib.group_of[name]
-        tasks = []
-        base_rhs = None
-        W0 = calib.base_weight(name).to(torch.float64) if p.with_pretrain_matrix else None
-        for stats, c in zip(per_task, coef[name]):
-            st = stats[group]
-            cross_norm = st.cross_norm if p.alpha1 else 0.0
-            tasks.append(TaskLayerStats(gram=st.gram, cross_proj=st.proj.get(name), cross_norm=cross_norm, weight=c))
-            if W0 is not None:
-                term = pretrain_rhs(W0, st.cross_or_gram, c, p.alpha1, cross_norm)
-                base_rhs = term if base_rhs is None else base_rhs + term
-        deltas[name], how = iteris_solve(tasks, ctx.loras(name), p.alpha1, p.alpha2, base_weight=W0, base_rhs=base_rhs)
+        tasks = [
+            TaskLayerStats(gram=stats[group].gram, cross_proj=stats[group].proj.get(name),
+                           cross_norm=stats[group].cross_norm if p.alpha1 else 0.0, weight=c)
+            for stats, c in zip(per_task, coef[name])
+        ]
+        problems.append((tasks, ctx.loras(name)))
+    if p.with_pretrain_matrix:
+        solved = []
+        for name, (tasks, loras) in zip(names, problems):
+            W0 = calib.base_weight(name).to(torch.float64)
+            group = calib.group_of[name]
+            base_rhs = sum(pretrain_rhs(W0, stats[group].cross_or_gram, t.weight, p.alpha1, t.cross_norm)
+                           for stats, t in zip(per_task, tasks))
+            solved.append(iteris_solve(tasks, loras, p.alpha1, p.alpha2, base_weight=W0, base_rhs=base_rhs))
+    else:
+        # one group at a time: its members share the float64 copies of its Grams, and only one group's are alive
+        solved = [None] * len(names)
+        by_group: dict[str, list[int]] = {}
+        for k, name in enumerate(names):
+            by_group.setdefault(calib.group_of[name], []).append(k)
+        for members in by_group.values():
+            for k, result in zip(members, iteris_solve_many([problems[k] for k in members], p.alpha1, p.alpha2)):
+                solved[k] = result
+    deltas = {}
+    for name, (delta, how) in zip(names, solved):
+        deltas[name] = delta
         if how != "cholesky":
             ctx.report.setdefault("singular_layers", []).append(name)
     return deltas
