@@ -50,11 +50,15 @@ def sync():
 # ---------------------------------------------------------------------------------------------- set-up
 
 
-def build_model(size: str, device: str, dtype=torch.bfloat16):
+MODEL_DTYPE = torch.bfloat16
+
+
+def build_model(size: str, device: str, dtype=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **SIZES[size])
     config._attn_implementation = "sdpa"
+    dtype = dtype or MODEL_DTYPE
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -358,7 +362,7 @@ def suite_official(args, rates, device):
         "memory_ratio": official["peak_extra_gb"] / row["peak_extra_gb"] if cuda else None,
         "relative_difference": diff, "relative_difference_float64_stats": exact_row["relative_difference_vs_official"],
     }
-    print_table(f"official: {size}, {args.adapters} adapters, {s} samples, {args.iterations} iterations",
+    print_table(f"official: {size} {args.model_dtype}, {args.adapters} adapters, {s} samples, {args.iterations} iterations",
                 [row, exact_row, official], PHASE_COLUMNS + [("rel. diff vs official", "relative_difference_vs_official", ".2e")])
     print(f"speed-up {summary['speedup']:.1f}x, peak memory ratio {summary['memory_ratio']}, "
           f"relative difference of the merged deltas {diff:.2e}")
@@ -433,9 +437,12 @@ def main():
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=1e-7, help="alpha1 = alpha2")
     parser.add_argument("--fixed-point-iterations", type=int, default=30)
+    parser.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--out", default=None, help="directory for <suite>.json")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    global MODEL_DTYPE
+    MODEL_DTYPE = getattr(torch, args.model_dtype)
     info = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     rates = measure_rates(device, 8192 if device == "cuda" else 512)
