@@ -14,7 +14,7 @@ section 2). The method is what the official code does:
 Two differences from the official code, both on purpose. Features come from one plain forward over
 whole sequences. The official code uses ``model.generate`` and keeps only the last generation step's
 inputs, so its features are not the objective's. Inputs carry no padding, so no padding rows enter
-the statistics. Written in this project's own words; no code copied.
+the statistics.
 
     import sys; sys.path.insert(0, "benchmarks"); import official_approach
     deltas, info = official_approach.official_merge(model, adapters, task_tokens, iterations=3)
