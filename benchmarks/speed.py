@@ -279,40 +279,45 @@ PHASE_COLUMNS = [
 ]
 
 
-def suite_main(args, rates, device):
-    size = args.size or "8b"
+def setup(args, device: str, default_size: str):
+    """The suite's model size (``--size`` overrides its default), the random model and its adapters."""
+    size = args.size or default_size
     model = build_model(size, device)
-    adapters = make_adapters(model, args.adapters)
+    return size, model, make_adapters(model, args.adapters)
+
+
+def timed_row(label, size, model, adapters, samples, args, rates, params, calibration=None) -> dict:
+    """One iteris run reduced to its table row (the merged deltas are dropped)."""
+    run = run_iteris(model, adapters, samples, params, calibration)
+    return phase_row(label, size, run, len(adapters), len(samples[0]), args.tokens, 16, params["iterations"], rates,
+                     params["alpha1"])
+
+
+def suite_main(args, rates, device):
+    size, model, adapters = setup(args, device, "8b")
     s = args.samples or 64
     samples = make_samples(args.adapters, s, args.tokens)
     rows = []
     # alpha1 = 0 (with gamma = 0) needs no cross term: later rounds skip the adapters' own models
     for alpha1 in (args.alpha, 0.0) if args.alpha else (0.0,):
         params = {"iterations": args.iterations, "alpha1": alpha1, "alpha2": args.alpha}
-        run = run_iteris(model, adapters, samples, params)
-        row = phase_row(f"global, alpha1={alpha1:g} alpha2={args.alpha:g}", size, run, args.adapters, s, args.tokens, 16,
-                        args.iterations, rates, alpha1)
-        row["weights_gb"] = weights_gb(model)
-        rows.append(row)
-        del run
+        row = timed_row(f"global, alpha1={alpha1:g} alpha2={args.alpha:g}", size, model, adapters, samples, args, rates,
+                        params)
+        rows.append({**row, "weights_gb": weights_gb(model)})
     print_table(f"main: {size}, weights {rows[0]['weights_gb']:.1f} GB", rows, PHASE_COLUMNS)
     return {"rows": rows}
 
 
 def suite_samples(args, rates, device):
-    size = args.size or "1b"
-    model = build_model(size, device)
-    adapters = make_adapters(model, args.adapters)
+    size, model, adapters = setup(args, device, "1b")
     rows = []
     iterations = 2
     params = {"iterations": iterations, "alpha1": args.alpha, "alpha2": args.alpha}
     for s in (16, 64, 256):
         samples = make_samples(args.adapters, s, args.tokens)
         for offload in (False, True):
-            run = run_iteris(model, adapters, samples, params, {"offload_states": offload})
-            row = phase_row(f"offload={offload}", size, run, args.adapters, s, args.tokens, 16, iterations, rates, args.alpha)
-            rows.append(row)
-            del run
+            rows.append(timed_row(f"offload={offload}", size, model, adapters, samples, args, rates, params,
+                                  {"offload_states": offload}))
     print_table(f"samples: {size}, {args.adapters} adapters, {iterations} iterations", rows, PHASE_COLUMNS)
     return {"rows": rows}
 
@@ -320,9 +325,7 @@ def suite_samples(args, rates, device):
 def suite_official(args, rates, device):
     import official_approach
 
-    size = args.size or "1b"
-    model = build_model(size, device)
-    adapters = make_adapters(model, args.adapters)
+    size, model, adapters = setup(args, device, "1b")
     s = args.samples or 16
     samples = make_samples(args.adapters, s, args.tokens)
     params = {"iterations": args.iterations, "alpha1": args.alpha, "alpha2": args.alpha}
@@ -376,9 +379,7 @@ def _by_kind(a: dict, b: dict) -> dict:
 
 
 def suite_precision(args, rates, device):
-    size = args.size or "125m"
-    model = build_model(size, device)
-    adapters = make_adapters(model, args.adapters)
+    size, model, adapters = setup(args, device, "125m")
     s = args.samples or 16
     samples = make_samples(args.adapters, s, args.tokens)
     rows = []
@@ -400,9 +401,7 @@ def suite_precision(args, rates, device):
 
 
 def suite_sequential(args, rates, device):
-    size = args.size or "1b"
-    model = build_model(size, device)
-    adapters = make_adapters(model, args.adapters)
+    size, model, adapters = setup(args, device, "1b")
     samples = make_samples(args.adapters, args.samples or 16, args.tokens)
     base = {"alpha1": args.alpha, "alpha2": args.alpha}
     fixed = run_iteris(model, adapters, samples, {**base, "iterations": args.fixed_point_iterations})

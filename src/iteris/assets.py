@@ -44,7 +44,7 @@ def smollm2_dir() -> Path:
     import tempfile
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # A GGUF-loaded model cannot save_pretrained: rebuild it from its config without the quantization
     # settings, carry the dequantised weights over, and save that.

@@ -19,7 +19,7 @@ from .adapters import LoraAdapter
 from .capture import DeltaInjector, GroupStats, LayerGroup, StatsCollector, find_groups
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
-from .models import Batch, TokenSample, base_weight, batches, find_stack, first_block_call, make_batch, run_forward
+from .models import TokenSample, base_weight, batches, find_stack, first_block_call, make_batch, run_forward
 
 Delta = LowRankDelta | DenseDelta
 # A method's solve of one stage: (layer names, per-task {group: statistics}) -> {layer: merged delta}.
@@ -67,8 +67,6 @@ class Calibration:
         self.groups = find_groups(model, layers, probe)
         self.group_of = {m: g.name for g in self.groups for m in g.members}
         self.stack = None
-        if walk not in ("auto", "blocks", "model"):
-            raise IterisError(f"calibration.walk must be auto, blocks or model, got '{walk}'")
         if walk != "model":
             self.stack = find_stack(model, layers, probe)
             if self.stack is None and walk == "blocks":

@@ -326,9 +326,8 @@ class StatsCollector:
             rows = token_rows(args[0], self._masks, group.name, self._full)
             if self._mode == "stash":
                 self._stash.setdefault(group.name, []).append(rows)
-            elif self._mode == "single":
-                self._accumulate(group, rows, rows)
-            elif self._recall is not None:  # merged rows, the adapter's own projected rows remembered
+            elif self._mode == "single" or self._recall is not None:
+                # own rows alone, or merged rows whose own counterparts were remembered projected on A
                 self._accumulate(group, rows, rows)
             else:  # "paired": rows are the merged model's, the stash holds the adapter's own
                 stash = self._stash.get(group.name)

@@ -28,6 +28,22 @@ class CalibrationConfig:
     walk: str = "auto"  # blocks: one block at a time (memory flat in depth); model: whole passes; auto: blocks where possible
     offload_states: bool = False  # keep the block-boundary hidden states in CPU memory (GPU memory flat in samples)
 
+    def validate(self) -> None:
+        for name in ("samples", "max_length", "batch_size", "max_new_tokens"):
+            _positive_int(f"calibration.{name}", getattr(self, name))
+        if self.stats_dtype not in ("auto", "float32", "float64"):
+            raise IterisError("calibration.stats_dtype must be auto, float32 or float64")
+        if self.walk not in ("auto", "blocks", "model"):
+            raise IterisError(f"calibration.walk must be auto, blocks or model, got {self.walk!r}")
+        if not isinstance(self.offload_states, bool):
+            raise IterisError(f"calibration.offload_states must be true or false, got {self.offload_states!r}")
+
+    def resolved_stats_dtype(self, device: str) -> str:
+        """auto: float64 on the CPU (exact, and the CPU has no faster path), float32 on a GPU."""
+        if self.stats_dtype != "auto":
+            return self.stats_dtype
+        return "float64" if device == "cpu" else "float32"
+
 
 @dataclass
 class AdapterSpec:
@@ -56,15 +72,7 @@ class MergeConfig:
 
     def validate(self) -> None:
         """Checks that hold for any source of values (YAML, dict, keyword overrides)."""
-        c = self.calibration
-        for name in ("samples", "max_length", "batch_size", "max_new_tokens"):
-            _positive_int(f"calibration.{name}", getattr(c, name))
-        if c.stats_dtype not in ("auto", "float32", "float64"):
-            raise IterisError("calibration.stats_dtype must be auto, float32 or float64")
-        if c.walk not in ("auto", "blocks", "model"):
-            raise IterisError(f"calibration.walk must be auto, blocks or model, got {c.walk!r}")
-        if not isinstance(c.offload_states, bool):
-            raise IterisError(f"calibration.offload_states must be true or false, got {c.offload_states!r}")
+        self.calibration.validate()
         if not isinstance(self.parameters, dict):
             raise IterisError("'parameters' must be a mapping of the method's parameters")
         if self.rank is not None:

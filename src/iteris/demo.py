@@ -172,7 +172,7 @@ def run_pipeline(assets: dict, out: Path, force: bool, quiet: bool, device: str 
         (target / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print()
     print(format_table(summary))
-    print(f"\nnormalized mean: each score divided by the task's own adapter's score, averaged over tasks")
+    print("\nnormalized mean: each score divided by the task's own adapter's score, averaged over tasks")
     print(f"merged adapters: {out}/<method>/ (load with PEFT); the IterIS one is {out}/iteris; "
           f"scores in {out}/results.json")
     return summary

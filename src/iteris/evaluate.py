@@ -24,7 +24,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 from tqdm.auto import tqdm
 

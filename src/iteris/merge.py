@@ -128,9 +128,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     for spec, s in zip(cfg.adapters, samples):
         if not s:
             raise IterisError(f"adapter '{spec.name}': no calibration sample survived tokenisation")
-    stats_dtype = cfg.calibration.stats_dtype
-    if stats_dtype == "auto":
-        stats_dtype = "float64" if device == "cpu" else "float32"
+    stats_dtype = cfg.calibration.resolved_stats_dtype(device)
     injector = DeltaInjector(model, layers)
     try:
         for i, adapter in enumerate(adapters):
@@ -288,13 +286,14 @@ def merge_loaded(
     cal = calibration if isinstance(calibration, CalibrationConfig) else build_section(
         CalibrationConfig, dict(calibration or {}), "calibration"
     )
+    cal.validate()
     check_compatible(adapters)
     targets = target_modules(adapters)
     weights = [float(w) for w in (weights or [1.0] * len(adapters))]
     layers = models.resolve_layers(model, targets)
     models.check_layer_shapes(layers, adapters)
     device = str(next(model.parameters()).device)
-    stats_dtype = cal.stats_dtype if cal.stats_dtype != "auto" else ("float64" if device == "cpu" else "float32")
+    stats_dtype = cal.resolved_stats_dtype(device)
     report: dict = {"method": spec.name, "parameters": asdict(params), "timings": {}}
     calib = None
     injector = DeltaInjector(model, layers)

@@ -41,11 +41,13 @@ class TaskLayerStats:
     weight: float
 
 
-def weight_norm_sq(base: torch.Tensor, lora: LoraModule | None) -> float:
-    """||W0 + s B A||_F^2 = ||W0||^2 + 2 s <W0, B A> + s^2 ||B A||^2, never forming the d_out x d_in sum."""
+def weight_norm_sq(base: torch.Tensor, lora: LoraModule | None, base_sq: float | None = None) -> float:
+    """||W0 + s B A||_F^2 = ||W0||^2 + 2 s <W0, B A> + s^2 ||B A||^2, never forming the d_out x d_in sum.
+
+    ``base_sq`` (||W0||^2), when the caller has it already: one layer, many adapters."""
     dtype = torch.promote_types(base.dtype, torch.float32)
     W0 = base.to(dtype)
-    total = float(W0.pow(2).sum(dtype=SOLVE_DTYPE))
+    total = float(W0.pow(2).sum(dtype=SOLVE_DTYPE)) if base_sq is None else base_sq
     if lora is None:
         return total
     A = lora.A.to(device=W0.device, dtype=dtype)
@@ -115,36 +117,47 @@ def solve_right_many(Qs: list[torch.Tensor], Rs: list[torch.Tensor]) -> list[tup
     return out
 
 
+class _Float64Grams:
+    """Each task's Gram in float64 with its Frobenius norm, converted once however many layers read it
+    (q/k/v, gate/up share one Gram)."""
+
+    def __init__(self, alpha2: float):
+        self.alpha2 = alpha2
+        self._seen: dict[int, tuple[torch.Tensor, float]] = {}
+
+    def __call__(self, gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+        key = id(gram)
+        if key not in self._seen:
+            G = gram.to(SOLVE_DTYPE)
+            self._seen[key] = (G, float(torch.linalg.matrix_norm(G)) if self.alpha2 else 0.0)
+        return self._seen[key]
+
+    def q(self, tasks: list[TaskLayerStats]) -> torch.Tensor:
+        """Q = sum_i c_i G_i + (a2 sum_i c_i ||G_i||) I."""
+        d = tasks[0].gram.shape[0]
+        Q = torch.zeros(d, d, dtype=SOLVE_DTYPE, device=tasks[0].gram.device)
+        shift = 0.0
+        for t in tasks:
+            G, norm = self(t.gram)
+            Q.add_(G, alpha=t.weight)
+            shift += t.weight * self.alpha2 * norm
+        Q.diagonal().add_(shift)
+        return Q
+
+
 def iteris_solve_many(
     layers: list[tuple[list[TaskLayerStats], list[LoraModule | None]]], alpha1: float, alpha2: float
 ) -> list[tuple[LowRankDelta, str]]:
-    """The default-mode solve of several layers (one stage): each task's Gram is converted to float64 and
-    its norm taken once, however many layers share it (q/k/v, gate/up), and Q is formed as
-    sum_i c_i G_i + (a2 sum_i c_i ||G_i||) I; the Choleskys run batched."""
-    converted: dict[int, tuple[torch.Tensor, float]] = {}
-
-    def f64(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
-        key = id(gram)
-        if key not in converted:
-            G = gram.to(SOLVE_DTYPE)
-            converted[key] = (G, float(torch.linalg.matrix_norm(G)) if alpha2 else 0.0)
-        return converted[key]
-
+    """The default-mode solve of several layers (one stage): the Grams they share are converted to float64
+    once, and the Choleskys run batched."""
+    grams = _Float64Grams(alpha2)
     Qs, Rs, Bs = [], [], []
     for tasks, loras in layers:
         device = tasks[0].gram.device
-        d = tasks[0].gram.shape[0]
-        Q = torch.zeros(d, d, dtype=SOLVE_DTYPE, device=device)
-        shift = 0.0
-        for t in tasks:
-            G, norm = f64(t.gram)
-            Q.add_(G, alpha=t.weight)
-            shift += t.weight * alpha2 * norm
-        Q.diagonal().add_(shift)
-        Qs.append(Q)
+        Qs.append(grams.q(tasks))
         Rs.append(_stacked_rows(tasks, loras, alpha1, device))
         Bs.append(stacked_b(loras, device))
-    converted.clear()
+    del grams
     return [(LowRankDelta(B=B, A=A), how) for B, (A, how) in zip(Bs, solve_right_many(Qs, Rs))]
 
 
@@ -182,7 +195,7 @@ def iteris_solve(
     if base_weight is None:
         return iteris_solve_many([(tasks, loras)], alpha1, alpha2)[0]
     device = tasks[0].gram.device  # statistics stay where they were gathered; adapters may live elsewhere
-    Q = sum(t.weight * regularize(t.gram, alpha2) for t in tasks)
+    Q = _Float64Grams(alpha2).q(tasks)
     R = _stacked_rows(tasks, loras, alpha1, device)
     B_cat = stacked_b(loras, device)
     P = base_rhs.to(device=device, dtype=SOLVE_DTYPE) + B_cat @ R

@@ -53,9 +53,11 @@ def _task_weights(ctx: MergeContext, names: list[str], per_task: list[dict[str, 
     coef = {}
     for name in names:
         base = calib.base_weight(name)
+        base = base.to(torch.promote_types(base.dtype, torch.float32))  # once per layer, not once per adapter
+        base_sq = weight_norm_sq(base, None)
         group = calib.group_of[name]
         coef[name] = [
-            manual * adaptive_weight(weight_norm_sq(base, lora), stats[group].out_sq[name])
+            manual * adaptive_weight(weight_norm_sq(base, lora, base_sq), stats[group].out_sq[name])
             for stats, lora, manual in zip(per_task, ctx.loras(name), ctx.weights)
         ]
     return coef
