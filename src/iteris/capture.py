@@ -23,6 +23,9 @@ from .adapters import LoraModule
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
 from .models import Batch, StopForward, run_forward
+from .precision import (
+    HALF, half_addmm_, split_left_factor, split_mm, split_right_factor, split_rows, split_tmm, splits_bf16,
+)
 
 
 @contextlib.contextmanager
@@ -57,6 +60,14 @@ class DeltaInjector:
                 return None
             x = args[0]
             kind, first, second, scale = update
+            if kind == "split":
+                if x.dtype == output.dtype == torch.bfloat16 and output.is_contiguous():
+                    # (x A^T) B^T added into the bf16 output by the GEMM itself: one rounding, as PEFT's
+                    # float32 branch has, and no float32 copy of x or of the update
+                    xa = split_mm(x.reshape(-1, x.shape[-1]), first)
+                    output.view(-1, output.shape[-1]).addmm_(split_left_factor(xa), second.T)
+                    return output
+                kind, first, second, scale = scale  # the plain update, for inputs the split one does not fit
             with _tf32_if_half(x):
                 h = x.to(first.dtype)
                 if kind == "lowrank":
@@ -65,7 +76,7 @@ class DeltaInjector:
                     h = h @ first.T
             if scale != 1.0:
                 h = h * scale
-            return output + h.to(output.dtype)
+            return output.add_(h)  # computed in float32, rounded once to the layer's dtype
 
         return hook
 
@@ -76,10 +87,13 @@ class DeltaInjector:
             weight = self.layers[name].weight
             # Updates run in float32 at least (as PEFT runs LoRA branches), float64 for a float64 model.
             to = {"device": weight.device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
-            if isinstance(update, LoraModule):
-                prepared[name] = ("lowrank", update.A.to(**to), update.B.to(**to), update.scale)
-            elif isinstance(update, LowRankDelta):
-                prepared[name] = ("lowrank", update.A.to(**to), update.B.to(**to), 1.0)
+            if isinstance(update, (LoraModule, LowRankDelta)):
+                A, B = update.A.to(**to), update.B.to(**to)
+                scale = update.scale if isinstance(update, LoraModule) else 1.0
+                prepared[name] = ("lowrank", A, B, scale)
+                if splits_bf16(weight):
+                    # A and s*B as exact bf16 parts: float32 products on bf16 tensor cores
+                    prepared[name] = ("split", split_rows(A), split_right_factor(B * scale), prepared[name])
             else:
                 prepared[name] = ("dense", update.D.to(**to), None, 1.0)
         self.variants[key] = prepared
@@ -210,7 +224,7 @@ class GroupStats:
     proj: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
     same_inputs: bool = False  # X~ == X (no merged model yet): cross == gram
-    cross_norm: float | None = None  # ||X^T Xh||_F, when the cross term was gathered
+    cross_norm: torch.Tensor | None = None  # ||X^T Xh||_F (0-dim float64), when the cross term was gathered
     out_sq: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -225,18 +239,10 @@ def add_product(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> N
     the float32 accumulator (cuBLAS accumulates in float32): exactly the float32 product of those features,
     at twice the TF32 rate. Anything else is cast to the accumulator's dtype first.
     """
-    global _HALF_INTO_FLOAT32
-    if (_HALF_INTO_FLOAT32 and acc.is_cuda and acc.dtype == torch.float32
-            and left.dtype in (torch.bfloat16, torch.float16) and right.dtype == left.dtype):
-        try:
-            if acc.is_contiguous():
-                torch.addmm(acc, left.T, right, out_dtype=torch.float32, out=acc)
-            else:
-                acc.add_(torch.mm(left.T, right, out_dtype=torch.float32))
-            return
-        except (TypeError, RuntimeError):  # a torch without mixed-output GEMMs: cast instead, from now on
-            _HALF_INTO_FLOAT32 = False
-    acc.addmm_(left.T.to(acc.dtype), right.to(acc.dtype))
+    if acc.dtype == torch.float32 and left.dtype in HALF and right.dtype == left.dtype:
+        half_addmm_(acc, left.T, right)
+    else:
+        acc.addmm_(left.T.to(acc.dtype), right.to(acc.dtype))
 
 
 def _gram_blocks(d: int) -> list[slice]:
@@ -264,8 +270,6 @@ def mirror_gram(acc: torch.Tensor) -> None:
         for b in blocks[i + 1:]:
             acc[b, a].copy_(acc[a, b].T)
 
-
-_HALF_INTO_FLOAT32 = True
 
 
 class StatsCollector:
@@ -373,22 +377,32 @@ class StatsCollector:
         if not self._paired:
             # cross terms are the Gram itself; projections are taken from it at the end
             if self._remember is not None and projection is not None:
-                A = projection[2]
-                self._remember.setdefault(group.name, []).append(self._store(own.to(A.dtype) @ A.T))
+                self._remember.setdefault(group.name, []).append(self._store(self._project(projection, own)))
             return
         if st.cross is not None:
             add_product(st.cross, own, mixed)
         if projection is not None:
-            A = projection[2]
             if self._recall is None:
-                projected = own.to(A.dtype) @ A.T
+                projected = self._project(projection, own)
             else:  # the k-th call of this layer in the pass pairs with the k-th remembered one
                 k = self._recall_pos.get(group.name, 0)
                 self._recall_pos[group.name] = k + 1
-                projected = self._recall[group.name][k].to(A.device, non_blocking=True)
-            term = projected.T @ mixed.to(A.dtype)
+                projected = self._recall[group.name][k].to(own.device, non_blocking=True)
+            if projected.dtype == torch.float32 and splits_bf16(mixed):
+                term = split_tmm(projected, mixed)
+            else:
+                term = projected.T @ mixed.to(projected.dtype)
             acc = st.proj.get("")
             st.proj[""] = term if acc is None else acc.add_(term)
+
+    @staticmethod
+    def _project(projection: tuple, rows: torch.Tensor) -> torch.Tensor:
+        """rows A^T (tokens x sum r) in the statistics' dtype; bf16 rows on a GPU against A's exact bf16
+        parts, rather than through a float32 copy of the rows."""
+        A, A_split = projection[2], projection[3]
+        if A_split is not None and splits_bf16(rows):
+            return split_mm(rows, A_split)
+        return rows.to(A.dtype) @ A.T
 
     def start(
         self,
@@ -427,7 +441,8 @@ class StatsCollector:
             device = self.layers[g].weight.device
             names = list(members)
             A = torch.cat([members[m].to(device=device, dtype=self.stats_dtype) for m in names])
-            self._projections[g] = (names, [members[m].shape[0] for m in names], A)
+            A_split = split_rows(A) if A.dtype == torch.float32 and splits_bf16(self.layers[g].weight) else None
+            self._projections[g] = (names, [members[m].shape[0] for m in names], A, A_split)
 
     def _run(self, mode: str, forward) -> object:
         self._mode = mode
@@ -468,11 +483,11 @@ class StatsCollector:
         for group_name, st in stats.items():
             mirror_gram(st.gram)
             if group_name in self._projections:
-                members, ranks, A = self._projections[group_name]
+                members, ranks, A, _ = self._projections[group_name]
                 whole = A @ st.gram if st.same_inputs else st.proj.pop("")
                 st.proj = dict(zip(members, whole.split(ranks)))
             if self._want_cross:
-                st.cross_norm = float(torch.linalg.matrix_norm(st.cross_or_gram.double()))
+                st.cross_norm = torch.linalg.vector_norm(st.cross_or_gram, dtype=torch.float64)  # stays on the device
             if not self._keep_cross:
                 st.cross = None  # only its norm was needed: free d_in^2 per group now
         for name, value in self._out_sq.items():
