@@ -101,6 +101,13 @@ def main():
         row["cholesky_solve ms"] = 1e3 * timed(lambda: torch.cholesky_solve(R.T, L_ref))
         row["2 trsm ms"] = 1e3 * timed(lambda: torch.linalg.solve_triangular(
             L_ref, torch.linalg.solve_triangular(L_ref.mT, R, upper=True, left=False), upper=False, left=False))
+        from iteris.solve import blocked_right_solve
+
+        for block in (256, 512, 1024, 2048):
+            if block < d:
+                row[f"blocked solve {block} ms"] = 1e3 * timed(lambda: blocked_right_solve(L_ref, R, block))
+        row["blocked solve err"] = float((blocked_right_solve(L_ref, R) - torch.cholesky_solve(R.T, L_ref).T).norm()
+                                         / torch.cholesky_solve(R.T, L_ref).norm())
         if members > 1:
             # independent factorisations on their own streams: do small potrfs overlap?
             streams = [torch.cuda.Stream() for _ in range(members)]
@@ -117,6 +124,12 @@ def main():
 
             row["streams potrf ms/matrix"] = 1e3 * timed(on_streams) / members
             del Qs
+        Qs = [Q.clone() for _ in range(members)]
+        Rs = [R.clone() for _ in range(members)]
+        from iteris.solve import solve_right_many
+
+        row["solve_right_many ms/matrix"] = 1e3 * timed(lambda: solve_right_many(Qs, Rs)) / members
+        del Qs, Rs
         try:
             torch.backends.cuda.preferred_linalg_library("magma")
             row["magma potrf TFLOP/s"] = chol / timed(lambda: torch.linalg.cholesky_ex(Q)) / 1e12

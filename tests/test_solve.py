@@ -141,3 +141,16 @@ def test_batched_solves_match_one_by_one_and_fall_back_when_singular():
         assert how == want_how
         torch.testing.assert_close(sol, want, rtol=1e-9, atol=1e-9)
     assert [how for _, how in batched] == ["cholesky", "cholesky", "pinv", "cholesky", "cholesky"]
+
+
+@pytest.mark.parametrize("d, block", [(37, 8), (64, 64), (130, 64), (200, 512)])
+def test_blocked_right_solve_equals_a_dense_solve(d, block):
+    from iteris.solve import blocked_right_solve
+
+    gen = torch.Generator().manual_seed(d)
+    M = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    Q = M @ M.T + d * torch.eye(d, dtype=torch.float64)
+    R = torch.randn(7, d, generator=gen, dtype=torch.float64)
+    got = blocked_right_solve(torch.linalg.cholesky(Q), R, block)
+    want = torch.linalg.solve(Q, R.T).T
+    assert float((got - want).norm() / want.norm()) < 1e-12
