@@ -51,6 +51,7 @@ def sync():
 
 
 MODEL_DTYPE = torch.bfloat16
+BATCH_SIZE = 8  # samples per forward pass (--batch-size)
 
 
 def build_model(size: str, device: str, dtype=None):
@@ -201,7 +202,7 @@ def run_iteris(model, adapters, samples, parameters: dict, calibration: dict | N
     start = time.perf_counter()
     deltas, report = merge_loaded(
         model, adapters, samples, parameters=parameters,
-        calibration={"batch_size": 8, "stats_dtype": "float32", **(calibration or {})},
+        calibration={"batch_size": BATCH_SIZE, "stats_dtype": "float32", **(calibration or {})},
     )
     sync()
     wall = time.perf_counter() - start
@@ -342,7 +343,7 @@ def suite_official(args, rates, device):
     sync()
     start = time.perf_counter()
     theirs, info = official_approach.official_merge(
-        model, adapters, tokens, iterations=args.iterations, alpha1=args.alpha, alpha2=args.alpha, batch_size=8
+        model, adapters, tokens, iterations=args.iterations, alpha1=args.alpha, alpha2=args.alpha, batch_size=BATCH_SIZE
     )
     sync()
     official = {
@@ -437,11 +438,13 @@ def main():
     parser.add_argument("--alpha", type=float, default=1e-7, help="alpha1 = alpha2")
     parser.add_argument("--fixed-point-iterations", type=int, default=30)
     parser.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (both approaches)")
     parser.add_argument("--out", default=None, help="directory for <suite>.json")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    global MODEL_DTYPE
+    global MODEL_DTYPE, BATCH_SIZE
     MODEL_DTYPE = getattr(torch, args.model_dtype)
+    BATCH_SIZE = args.batch_size
     info = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     rates = measure_rates(device, 8192 if device == "cuda" else 512)

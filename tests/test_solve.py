@@ -151,6 +151,7 @@ def test_blocked_right_solve_equals_a_dense_solve(d, block):
     M = torch.randn(d, d, generator=gen, dtype=torch.float64)
     Q = M @ M.T + d * torch.eye(d, dtype=torch.float64)
     R = torch.randn(7, d, generator=gen, dtype=torch.float64)
-    got = blocked_right_solve(torch.linalg.cholesky(Q), R, block)
     want = torch.linalg.solve(Q, R.T).T
-    assert float((got - want).norm() / want.norm()) < 1e-12
+    for blocked in (True, False):
+        got = blocked_right_solve(torch.linalg.cholesky(Q), R, block, blocked=blocked)
+        assert float((got - want).norm() / want.norm()) < 1e-12

@@ -84,24 +84,33 @@ def pretrain_rhs(base_weight: torch.Tensor, cross: torch.Tensor, weight: float, 
     return weight * (W0 @ regularize(cross.to(W0.device), alpha1, cross_norm))
 
 
-def blocked_right_solve(L: torch.Tensor, R: torch.Tensor, block: int = 512) -> torch.Tensor:
+def blocked_right_solve(L: torch.Tensor, R: torch.Tensor, block: int = 1024, blocked: bool | None = None) -> torch.Tensor:
     """R (L L^T)^-1 for lower-triangular L (d x d) and few rows R (k x d), by blocked substitution.
 
-    With k << d a plain trsm runs at a few percent of the GPU's rate (its parallelism is the k right-hand
-    sides); here each pass streams L once through GEMMs, and only ``block``-sized diagonal blocks go
-    through trsm."""
+    With k << d, trsm runs at a few percent of the GPU's rate, even on L's diagonal blocks alone. Here the
+    diagonal blocks are inverted together (one batched trsm with ``block`` right-hand sides each), and
+    each substitution pass streams L once through GEMMs. ``blocked`` (default: on a GPU when d > block)."""
     d = L.shape[0]
-    Z = R.T.contiguous()  # solves L L^T Z = R^T in place: Z = Q^-1 R^T, so R Q^-1 = Z^T (Q is symmetric)
+    if not (blocked if blocked is not None else L.is_cuda and d > block):  # one trsm each way
+        Y = torch.linalg.solve_triangular(L.mT, R, upper=True, left=False)
+        return torch.linalg.solve_triangular(L, Y, upper=False, left=False)
     edges = list(range(0, d, block)) + [d]
     spans = list(zip(edges[:-1], edges[1:]))
-    for a, b in spans:  # L W = R^T
+    # diagonal blocks padded to one size with the identity (their inverses then hold the identity there too)
+    diagonal = torch.eye(block, dtype=L.dtype, device=L.device).repeat(len(spans), 1, 1)
+    for n, (a, b) in enumerate(spans):
+        diagonal[n, : b - a, : b - a] = L[a:b, a:b]
+    identity = torch.eye(block, dtype=L.dtype, device=L.device).expand_as(diagonal)
+    inverse = torch.linalg.solve_triangular(diagonal, identity, upper=False)
+    Z = R.T.contiguous()  # solves L L^T Z = R^T: Z = Q^-1 R^T, so R Q^-1 = Z^T (Q is symmetric)
+    for n, (a, b) in enumerate(spans):  # L W = R^T
         if a:
             Z[a:b].sub_(L[a:b, :a] @ Z[:a])
-        Z[a:b] = torch.linalg.solve_triangular(L[a:b, a:b], Z[a:b], upper=False)
-    for a, b in reversed(spans):  # L^T Z = W
+        Z[a:b] = inverse[n, : b - a, : b - a] @ Z[a:b]
+    for n, (a, b) in reversed(list(enumerate(spans))):  # L^T Z = W
         if b < d:
             Z[a:b].sub_(L[b:, a:b].T @ Z[b:])
-        Z[a:b] = torch.linalg.solve_triangular(L[a:b, a:b].T, Z[a:b], upper=True)
+        Z[a:b] = inverse[n, : b - a, : b - a].T @ Z[a:b]
     return Z.T
 
 
@@ -140,24 +149,31 @@ class _GramSum:
     Each task's Gram is converted to float64 and its norm taken once however many layers read it (q/k/v,
     gate/up share one); the norms stay on the device (no host sync)."""
 
-    def __init__(self, alpha2: float):
+    def __init__(self, alpha2: float, shared: bool = True):
         self.alpha2 = alpha2
-        self._seen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.shared = shared  # keep the float64 copies for the next layer (else one copy alive at a time)
+        self._seen: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     def _float64(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = id(gram)
-        if key not in self._seen:
+        G, norm = self._seen.get(id(gram), (None, None))
+        if G is None:
             G = gram.to(SOLVE_DTYPE)
-            self._seen[key] = (G, torch.linalg.vector_norm(G) if self.alpha2 else None)
-        return self._seen[key]
+            if norm is None and self.alpha2:
+                norm = torch.linalg.vector_norm(G)
+            self._seen[id(gram)] = (G if self.shared else None, norm)
+        return G, norm
 
     def q(self, tasks: list[TaskLayerStats]) -> torch.Tensor:
         Q = None
+        shift = 0.0
         for t in tasks:
-            G, _ = self._float64(t.gram)
+            G, norm = self._float64(t.gram)
             Q = G * t.weight if Q is None else Q.add_(G, alpha=t.weight)
+            if self.alpha2:
+                shift = shift + t.weight * norm
+            del G
         if self.alpha2:
-            Q.diagonal().add_(self.alpha2 * sum(t.weight * self._float64(t.gram)[1] for t in tasks))
+            Q.diagonal().add_(self.alpha2 * shift)
         return Q
 
 
@@ -166,7 +182,7 @@ def iteris_solve_many(
 ) -> list[tuple[LowRankDelta, str]]:
     """The default-mode solve of several layers (one stage): the norms of the Grams they share are taken once,
     and the factorisations are checked together."""
-    grams = _GramSum(alpha2)
+    grams = _GramSum(alpha2, shared=len(layers) > 1)
     Qs, Rs, Bs = [], [], []
     for tasks, loras in layers:
         device = tasks[0].gram.device
