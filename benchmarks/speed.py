@@ -52,6 +52,7 @@ def sync():
 
 MODEL_DTYPE = torch.bfloat16
 BATCH_SIZE = 8  # samples per forward pass (--batch-size)
+OVERLAP = "auto"  # calibration.overlap (--overlap)
 
 
 def build_model(size: str, device: str, dtype=None):
@@ -202,7 +203,7 @@ def run_iteris(model, adapters, samples, parameters: dict, calibration: dict | N
     start = time.perf_counter()
     deltas, report = merge_loaded(
         model, adapters, samples, parameters=parameters,
-        calibration={"batch_size": BATCH_SIZE, "stats_dtype": "float32", **(calibration or {})},
+        calibration={"batch_size": BATCH_SIZE, "stats_dtype": "float32", "overlap": OVERLAP, **(calibration or {})},
     )
     sync()
     wall = time.perf_counter() - start
@@ -439,12 +440,14 @@ def main():
     parser.add_argument("--fixed-point-iterations", type=int, default=30)
     parser.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (both approaches)")
+    parser.add_argument("--overlap", default="auto", choices=["auto", "on", "off"], help="calibration.overlap")
     parser.add_argument("--out", default=None, help="directory for <suite>.json")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    global MODEL_DTYPE, BATCH_SIZE
+    global MODEL_DTYPE, BATCH_SIZE, OVERLAP
     MODEL_DTYPE = getattr(torch, args.model_dtype)
     BATCH_SIZE = args.batch_size
+    OVERLAP = args.overlap
     info = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     rates = measure_rates(device, 8192 if device == "cuda" else 512)

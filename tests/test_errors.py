@@ -191,6 +191,8 @@ def test_empty_adapter_list(llama, no_adapter_loading):
         (lambda c: c.update(rank=0), "rank"),
         (lambda c: c["calibration"].update(samples=0), "samples"),
         (lambda c: c["calibration"].update(stats_dtype="float16"), "stats_dtype"),
+        (lambda c: c["calibration"].update(overlap="yes"), "overlap"),
+        (lambda c: c["calibration"].update(walk="layers"), "walk"),
         (lambda c: c["adapters"][0].update(weight="heavy"), "weight"),
         (lambda c: c.update(parameters=[1, 2]), "parameters"),
     ],

@@ -10,6 +10,7 @@ memory does not grow with depth. Other models (encoder-decoders) run whole, ever
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -47,6 +48,7 @@ class Calibration:
         merged_overrides: list[dict],
         walk: str = "auto",
         offload_states: bool = False,
+        overlap: str = "auto",
     ):
         self.model = model
         self.layers = layers
@@ -62,6 +64,9 @@ class Calibration:
         self._own_overrides = [self._on_model(o) for o in own_overrides]
         self.merged_overrides = [self._on_model(o) for o in merged_overrides]
         self.offload_states = offload_states
+        # overlap: a block's solve runs on a worker thread (and, on a GPU, a side stream) while the next
+        # block is captured; "on" forces it on the CPU too (same answer, for tests)
+        self.overlap = overlap == "on" or (overlap == "auto" and self.device.startswith("cuda"))
         self._remembered: list[list[dict]] | None = None  # [task][batch] -> group -> projected own rows
         probe = make_batch(task_samples[0][:1], pad_id, self.device)
         self.groups = find_groups(model, layers, probe)
@@ -210,46 +215,61 @@ class Calibration:
 
             return forward
 
-        for b, block in enumerate(stack.blocks):
-            groups = by_block.get(b, [])
-            stages = [[g] for g in groups] if sequential else [groups]
-            for s, stage in enumerate(stages):
-                last = s == len(stages) - 1
-                stop_at = None if last else stages[s + 1][0].name
-                t0 = time.perf_counter()
-                per_task = []
-                for i, task in enumerate(task_batches):
-                    self.collector.start([g.name for g in stage], proj[i], stop_at=stop_at, store=self._store, **options)
-                    for j, batch in enumerate(task):
-                        if not recall:
-                            forward = run(block, own[i][j], f"own:{i}", self._own_overrides[i])
-                            out = self.collector.own_pass(forward, batch, remember[i][j] if remember else None)
-                            if last:
-                                own[i][j].hidden = self._store(out)
-                        if paired:
-                            call = merged[i][j]
-                            forward = run(block, call, "merged", self.merged_overrides[i])
-                            out = self.collector.merged_pass(forward, batch, self._remembered[i][j] if recall else None)
-                            if last and not sequential:
-                                call.hidden = self._store(out)
-                    per_task.append(self.collector.finish())
-                _sync(self.device)
-                capture += time.perf_counter() - t0
-                if stage:
-                    new = self._timed_solve(solve, stage, per_task)
-                    result.update(new)
-                    if sequential:
-                        self.set_merged(result)
-                del per_task
-            if sequential:
-                t0 = time.perf_counter()
-                for i in range(len(task_batches)):
-                    for call in merged[i]:
-                        call.hidden = self._store(run(block, call, "merged", self.merged_overrides[i])())
-                _sync(self.device)
-                capture += time.perf_counter() - t0
-            bar.update(1)
+        overlapped = _OverlappedSolves(self.device) if self.overlap and not sequential else None
+        try:
+            for b, block in enumerate(stack.blocks):
+                groups = by_block.get(b, [])
+                stages = [[g] for g in groups] if sequential else [groups]
+                for s, stage in enumerate(stages):
+                    last = s == len(stages) - 1
+                    stop_at = None if last else stages[s + 1][0].name
+                    t0 = time.perf_counter()
+                    per_task = []
+                    for i, task in enumerate(task_batches):
+                        self.collector.start([g.name for g in stage], proj[i], stop_at=stop_at, store=self._store,
+                                             **options)
+                        for j, batch in enumerate(task):
+                            if not recall:
+                                forward = run(block, own[i][j], f"own:{i}", self._own_overrides[i])
+                                out = self.collector.own_pass(forward, batch, remember[i][j] if remember else None)
+                                if last:
+                                    own[i][j].hidden = self._store(out)
+                            if paired:
+                                call = merged[i][j]
+                                forward = run(block, call, "merged", self.merged_overrides[i])
+                                out = self.collector.merged_pass(forward, batch, self._remembered[i][j] if recall else None)
+                                if last and not sequential:
+                                    call.hidden = self._store(out)
+                        per_task.append(self.collector.finish())
+                    if overlapped is None:
+                        _sync(self.device)
+                    capture += time.perf_counter() - t0
+                    if stage and overlapped is not None:
+                        result.update(overlapped.submit(solve, [m for g in stage for m in g.members], per_task))
+                    elif stage:
+                        new = self._timed_solve(solve, stage, per_task)
+                        result.update(new)
+                        if sequential:
+                            self.set_merged(result)
+                    del per_task
+                if sequential:
+                    t0 = time.perf_counter()
+                    for i in range(len(task_batches)):
+                        for call in merged[i]:
+                            call.hidden = self._store(run(block, call, "merged", self.merged_overrides[i])())
+                    _sync(self.device)
+                    capture += time.perf_counter() - t0
+                bar.update(1)
+            if overlapped is not None:
+                result.update(overlapped.finish())
+        finally:
+            if overlapped is not None:
+                overlapped.close()
         bar.close()
+        if overlapped is not None:
+            # the solves ran under the captures: count as solve time only what the captures waited for
+            capture -= overlapped.waited
+            self.solve_seconds += overlapped.waited
         self.capture_seconds += capture
         return result
 
@@ -257,3 +277,71 @@ class Calibration:
         self._remembered = None
         self.collector.remove()
         self.injector.remove()
+
+
+def _stats_tensors(per_task: list[dict[str, GroupStats]]):
+    for stats in per_task:
+        for st in stats.values():
+            yield st.gram
+            if st.cross is not None:
+                yield st.cross
+            yield from st.proj.values()
+            if isinstance(st.cross_norm, torch.Tensor):
+                yield st.cross_norm
+
+
+class _OverlappedSolves:
+    """A sweep's stage solves, one at a time on a worker thread and (on a GPU) a side stream, so that a
+    block's solve runs while the next block is captured.
+
+    At most one solve is in flight: submitting the next waits for it (that wait, the only solve time the
+    captures see, is ``waited``). Host syncs inside a solve (its factorisation checks) block only the
+    worker. The statistics are marked as used on the side stream, so their memory is not reused before
+    the solve has read them; the deltas, as used on the main stream afterwards."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.main = torch.cuda.current_stream(device) if self.cuda else None
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iteris-solve")
+        self.pending: Future | None = None
+        self.waited = 0.0
+
+    def submit(self, solve: StageSolve, names: list[str], per_task) -> dict[str, Delta]:
+        """Start this stage's solve; returns the previous stage's deltas (empty for the first)."""
+        done = self._collect()
+        if self.cuda:
+            self.side.wait_stream(self.main)  # the statistics are complete when the solve starts
+            for t in _stats_tensors(per_task):
+                t.record_stream(self.side)
+        self.pending = self.pool.submit(self._run, solve, names, per_task)
+        return done
+
+    def _run(self, solve, names, per_task) -> dict[str, Delta]:
+        if not self.cuda:
+            return solve(names, per_task)
+        with torch.cuda.stream(self.side):
+            out = solve(names, per_task)
+        for delta in out.values():
+            for t in vars(delta).values():
+                if isinstance(t, torch.Tensor) and t.is_cuda:
+                    t.record_stream(self.main)
+        return out
+
+    def _collect(self) -> dict[str, Delta]:
+        if self.pending is None:
+            return {}
+        start = time.perf_counter()
+        out = self.pending.result()
+        self.pending = None
+        if self.cuda:
+            self.main.wait_stream(self.side)
+        self.waited += time.perf_counter() - start
+        return out
+
+    def finish(self) -> dict[str, Delta]:
+        return self._collect()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+

@@ -27,6 +27,7 @@ class CalibrationConfig:
     stats_dtype: str = "auto"  # statistics' accumulation dtype: auto = float64 on CPU, float32 on GPU (solves: float64)
     walk: str = "auto"  # blocks: one block at a time (memory flat in depth); model: whole passes; auto: blocks where possible
     offload_states: bool = False  # keep the block-boundary hidden states in CPU memory (GPU memory flat in samples)
+    overlap: str = "auto"  # solve each block while the next is captured (global schedule); auto: on a GPU
 
     def validate(self) -> None:
         for name in ("samples", "max_length", "batch_size", "max_new_tokens"):
@@ -35,6 +36,8 @@ class CalibrationConfig:
             raise IterisError("calibration.stats_dtype must be auto, float32 or float64")
         if self.walk not in ("auto", "blocks", "model"):
             raise IterisError(f"calibration.walk must be auto, blocks or model, got {self.walk!r}")
+        if self.overlap not in ("auto", "on", "off"):
+            raise IterisError(f"calibration.overlap must be auto, on or off, got {self.overlap!r}")
         if not isinstance(self.offload_states, bool):
             raise IterisError(f"calibration.offload_states must be true or false, got {self.offload_states!r}")
 

@@ -141,7 +141,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
         calib = Calibration(
             model, layers, injector, samples, [s.name for s in cfg.adapters], tokenizer.pad_token_id,
             cfg.calibration.batch_size, getattr(torch, stats_dtype), cfg.progress, own, merged,
-            walk=cfg.calibration.walk, offload_states=cfg.calibration.offload_states,
+            walk=cfg.calibration.walk, offload_states=cfg.calibration.offload_states, overlap=cfg.calibration.overlap,
         )
     except BaseException:
         injector.remove()
@@ -304,7 +304,7 @@ def merge_loaded(
             calib = Calibration(
                 model, layers, injector, samples, [a.name for a in adapters], pad_id, cal.batch_size,
                 getattr(torch, stats_dtype), progress, [{} for _ in adapters], [{} for _ in adapters],
-                walk=cal.walk, offload_states=cal.offload_states,
+                walk=cal.walk, offload_states=cal.offload_states, overlap=cal.overlap,
             )
             report["calibration"] = {"walk": "blocks" if calib.walks_blocks else "model", "stats_dtype": stats_dtype}
         ctx = MergeContext(adapters=adapters, weights=weights, targets=targets, params=params, calibration=calib,
