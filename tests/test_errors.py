@@ -108,6 +108,8 @@ def test_unknown_parameter_lists_valid_ones(llama, tmp_path, no_adapter_loading)
         ("iteris", {"iterations": "many"}, "iterations"),
         ("iteris", {"iterations": 1.5}, "iterations"),
         ("iteris", {"gamma": "high"}, "gamma"),
+        ("iteris", {"solve_space": "tokens"}, "solve_space"),
+        ("iteris", {"solve_space": "samples", "alpha2": 0.0}, "alpha2 > 0"),
         ("ties", {"density": 0}, "density"),
         ("dare_linear", {"density": 1.5}, "density"),
     ],

@@ -155,3 +155,37 @@ def test_blocked_right_solve_equals_a_dense_solve(d, block):
     for blocked in (True, False):
         got = blocked_right_solve(torch.linalg.cholesky(Q), R, block, blocked=blocked)
         assert float((got - want).norm() / want.norm()) < 1e-12
+
+
+@pytest.mark.parametrize("alpha1", [0.0, 1e-3])
+def test_sample_space_solve_equals_the_gram_solve_on_random_rows(alpha1):
+    """n < d_in tokens: the n x n solve and the d_in x d_in one agree, with an adapter absent from the layer."""
+    from iteris.solve import iteris_solve_many, iteris_solve_samples
+
+    gen = torch.Generator().manual_seed(3)
+    d, ranks, counts = 40, [3, 2, 4], [7, 5, 9]
+    members = []
+    for m in range(2):
+        loras = [LoraModule(A=torch.randn(r, d, generator=gen, dtype=torch.float64),
+                            B=torch.randn(6, r, generator=gen, dtype=torch.float64), scale=1.5) for r in ranks]
+        loras[1] = None if m == 0 else loras[1]
+        members.append(loras)
+    rows = [torch.randn(n, d, generator=gen, dtype=torch.float64) for n in counts]
+    own = [torch.randn(n, d, generator=gen, dtype=torch.float64) for n in counts]
+    layers_rows, layers_gram = [], []
+    for m, loras in enumerate(members):
+        as_rows, as_gram = [], []
+        for i, (X_hat, X) in enumerate(zip(rows, own)):
+            c = 0.5 + 0.3 * i + 0.1 * m
+            lora = loras[i]
+            proj = None if lora is None else X @ lora.A.T
+            cross_proj = None if lora is None else proj.T @ X_hat
+            norm = float(torch.linalg.norm(X.T @ X_hat))
+            as_rows.append(TaskLayerStats(gram=None, cross_proj=cross_proj, cross_norm=norm, weight=c, rows=X_hat, own_proj=proj))
+            as_gram.append(TaskLayerStats(gram=X_hat.T @ X_hat, cross_proj=cross_proj, cross_norm=norm, weight=c))
+        layers_rows.append((as_rows, loras))
+        layers_gram.append((as_gram, loras))
+    for (got, how), (want, _) in zip(iteris_solve_samples(layers_rows, alpha1, 1e-3),
+                                     iteris_solve_many(layers_gram, alpha1, 1e-3)):
+        assert how == "cholesky"
+        assert float((got.dense() - want.dense()).norm() / want.dense().norm()) < 1e-10

@@ -147,3 +147,29 @@ def test_a_failing_overlapped_solve_surfaces_its_error():
             overlapped.finish()
     finally:
         overlapped.close()
+
+
+@pytest.mark.parametrize("params, samples", [
+    ({"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4}, 2),
+    # 4 samples: more tokens than features everywhere; forced, the sample space still gives the same answer
+    ({"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4}, 4),
+    ({"iterations": 2, "alpha1": 0.0, "alpha2": 1e-3}, 2),  # later rounds recall the remembered projections
+    ({"iterations": 1, "gamma": 0.3, "alpha1": 1e-3, "alpha2": 1e-2, "adaptive_weights": False}, 2),
+])
+def test_sample_space_solve_equals_the_gram_solve(params, samples, tiny_family_dir, adapters_for, calibration_file):
+    """Fewer tokens than features: the n x n solve on the kept rows gives the d_in x d_in solve's answer."""
+    base = tiny_family_dir("llama")
+    adapters = adapters_for("llama", 2)
+    data = [calibration_file("jsonl", 6, s) for s in (0, 1)]
+    runs = {}
+    for space in ("samples", "features", "auto"):
+        cfg = _config(base, adapters, data, parameters={**params, "solve_space": space})
+        cfg["calibration"]["samples"] = samples  # ~25 tokens per sample, against d_in = 32 and 64 (down_proj)
+        runs[space] = iteris.merge(cfg)
+    assert len(runs["samples"].report["sample_space_groups"]) == 8  # every layer group
+    assert "sample_space_groups" not in runs["features"].report
+    # auto: only where all tasks' tokens together are fewer than d_in (2 samples: down_proj)
+    chosen = runs["auto"].report.get("sample_space_groups", [])
+    assert all(g.endswith("down_proj") for g in chosen) and len(chosen) == (2 if samples == 2 else 0)
+    assert _max_rel(_dense(runs["samples"]), _dense(runs["features"])) < 1e-9
+    assert _max_rel(_dense(runs["auto"]), _dense(runs["features"])) < 1e-9

@@ -68,9 +68,12 @@ class Calibration:
         # block is captured; "on" forces it on the CPU too (same answer, for tests)
         self.overlap = overlap == "on" or (overlap == "auto" and self.device.startswith("cuda"))
         self._remembered: list[list[dict]] | None = None  # [task][batch] -> group -> projected own rows
+        # tokens of every task together (main stream): the size of a sample-space solve
+        self._tokens = [sum(len(s.input_ids) for s in samples) for samples in task_samples]
         probe = make_batch(task_samples[0][:1], pad_id, self.device)
         self.groups = find_groups(model, layers, probe)
         self.group_of = {m: g.name for g in self.groups for m in g.members}
+        self._group_by_name = {g.name: g for g in self.groups}
         self.stack = None
         if walk != "model":
             self.stack = find_stack(model, layers, probe)
@@ -92,6 +95,9 @@ class Calibration:
     @property
     def walks_blocks(self) -> bool:
         return self.stack is not None
+
+    def in_features(self, group: str) -> int:
+        return self._group_by_name[group].in_features
 
     def base_weight(self, name: str) -> torch.Tensor:
         return base_weight(self.layers[name]).detach()
@@ -118,6 +124,7 @@ class Calibration:
         out_norms: bool = False,
         sequential: bool = False,
         remember: bool = False,
+        rows: str | None = None,
         label: str = "",
     ) -> dict[str, Delta]:
         """Every task's statistics for every layer, handed to ``solve`` stage by stage; returns its deltas.
@@ -130,6 +137,8 @@ class Calibration:
         ``remember`` (own-only sweeps): keep each adapter's inputs projected on its A (tokens x r per layer
         group), so later paired sweeps that need nothing else of them (gamma = 0, no cross term) skip
         running the adapters' own models altogether.
+        ``rows``: keep each layer group's inputs instead of their Gram ("auto": while a task has fewer tokens
+        than d_in; "always"), for solves in sample space.
         """
         if sequential and not self.walks_blocks:
             raise IterisError(
@@ -139,7 +148,8 @@ class Calibration:
         if sequential:
             self.set_merged({})
         options = dict(
-            paired=paired or sequential, gamma=gamma, want_cross=want_cross, keep_cross=keep_cross, out_norms=out_norms
+            paired=paired or sequential, gamma=gamma, want_cross=want_cross, keep_cross=keep_cross, out_norms=out_norms,
+            rows=rows,
         )
         proj = [self._projections(a) if projections else {} for a in adapters]
         task_batches = [
@@ -168,7 +178,7 @@ class Calibration:
                    unit="batch")
         start = time.perf_counter()
         for i, task in enumerate(task_batches):
-            self.collector.start(names, proj[i], **options)
+            self.collector.start(names, proj[i], rows_tokens=sum(self._tokens), **options)
             for batch in task:
                 with self.injector.use(f"own:{i}", self._own_overrides[i]):
                     self.collector.own_pass(lambda: run_forward(self.model, batch), batch)
@@ -227,7 +237,7 @@ class Calibration:
                     per_task = []
                     for i, task in enumerate(task_batches):
                         self.collector.start([g.name for g in stage], proj[i], stop_at=stop_at, store=self._store,
-                                             **options)
+                                             rows_tokens=sum(self._tokens), **options)
                         for j, batch in enumerate(task):
                             if not recall:
                                 forward = run(block, own[i][j], f"own:{i}", self._own_overrides[i])
@@ -282,12 +292,11 @@ class Calibration:
 def _stats_tensors(per_task: list[dict[str, GroupStats]]):
     for stats in per_task:
         for st in stats.values():
-            yield st.gram
-            if st.cross is not None:
-                yield st.cross
-            yield from st.proj.values()
-            if isinstance(st.cross_norm, torch.Tensor):
-                yield st.cross_norm
+            for value in vars(st).values():
+                if isinstance(value, torch.Tensor):
+                    yield value
+                elif isinstance(value, dict):
+                    yield from (v for v in value.values() if isinstance(v, torch.Tensor))
 
 
 class _OverlappedSolves:

@@ -217,19 +217,29 @@ class GroupStats:
     proj:   A_m X^T Xh for each member m given a projection.
     out_sq: ||X W_m^T||_F^2 per member, W_m the layer's weight in the adapter's own model (what the
             layer outputs there), when asked for: the denominator of the adaptive weight.
+    rows, own_proj: where the task has fewer tokens than d_in and rows were asked for, Xh itself
+            (tokens x d_in, then ``gram`` is None) and X A_m^T per member (tokens x r_m): a solve in
+            sample space (DESIGN.md §3.4) needs them; ``full_gram()`` still gives the Gram.
     """
 
-    gram: torch.Tensor
+    gram: torch.Tensor | None
     cross: torch.Tensor | None
     proj: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
     same_inputs: bool = False  # X~ == X (no merged model yet): cross == gram
     cross_norm: torch.Tensor | None = None  # ||X^T Xh||_F (0-dim float64), when the cross term was gathered
     out_sq: dict[str, float] = field(default_factory=dict)
+    rows: torch.Tensor | None = None
+    own_proj: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def full_gram(self) -> torch.Tensor:
+        if self.gram is None:
+            self.gram = self.rows.T @ self.rows
+        return self.gram
 
     @property
     def cross_or_gram(self) -> torch.Tensor | None:
-        return self.gram if self.same_inputs else self.cross
+        return self.full_gram() if self.same_inputs else self.cross
 
 
 def add_product(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
@@ -305,6 +315,9 @@ class StatsCollector:
         self._gamma = 0.0
         self._want_cross = self._keep_cross = self._paired = self._out_norms = False
         self._out_sq: dict[str, torch.Tensor] = {}
+        self._rows_mode: str | None = None  # None, "auto" (rows while tokens < d_in) or "always"
+        self._parts: dict[str, dict[str, list[torch.Tensor]]] = {}  # group -> kept rows, batch by batch
+        self._rows_tokens: int | None = None
         self._remember: dict[str, list[torch.Tensor]] | None = None
         self._recall: dict[str, list[torch.Tensor]] | None = None
         self._recall_pos: dict[str, int] = {}
@@ -363,15 +376,30 @@ class StatsCollector:
     def _accumulate(self, group: LayerGroup, own: torch.Tensor, mixed: torch.Tensor) -> None:
         st = self._stats.get(group.name)
         if st is None:
-            d = group.in_features
-            dev = own.device
-            st = GroupStats(
-                gram=torch.zeros(d, d, dtype=self.stats_dtype, device=dev),
-                cross=torch.zeros(d, d, dtype=self.stats_dtype, device=dev) if (self._want_cross and self._paired) else None,
-                same_inputs=not self._paired,
-            )
+            st = GroupStats(gram=None, cross=None, same_inputs=not self._paired)
             self._stats[group.name] = st
-        add_gram(st.gram, mixed)
+            expected = self._rows_tokens
+            if self._rows_mode == "always" or (self._rows_mode == "auto" and (expected is None or expected < group.in_features)):
+                self._parts[group.name] = {"mixed": [], "own": [], "proj": []}
+            else:
+                self._allocate(group, st)
+        parts = self._parts.get(group.name)
+        if parts is not None and self._rows_mode == "auto" and st.tokens + mixed.shape[0] >= group.in_features:
+            # as many tokens as features: the Gram is now the smaller statistic
+            self._allocate(group, st)
+            if parts["mixed"]:
+                add_gram(st.gram, torch.cat(parts["mixed"]))
+                if st.cross is not None:
+                    add_product(st.cross, torch.cat(parts["own"]), torch.cat(parts["mixed"]))
+            del self._parts[group.name]
+            parts = None
+        if parts is None:
+            add_gram(st.gram, mixed)
+        else:
+            # half-precision rows stay so (exact; a later Gram of them takes the half-precision GEMM path)
+            parts["mixed"].append(self._keep(mixed))
+            if self._want_cross and self._paired:
+                parts["own"].append(self._keep(own))
         st.tokens += mixed.shape[0]
         projection = self._projections.get(group.name)
         if not self._paired:
@@ -388,12 +416,24 @@ class StatsCollector:
                 k = self._recall_pos.get(group.name, 0)
                 self._recall_pos[group.name] = k + 1
                 projected = self._recall[group.name][k].to(own.device, non_blocking=True)
+            if parts is not None:
+                parts["proj"].append(projected)
             if projected.dtype == torch.float32 and splits_bf16(mixed):
                 term = split_tmm(projected, mixed)
             else:
                 term = projected.T @ mixed.to(projected.dtype)
             acc = st.proj.get("")
             st.proj[""] = term if acc is None else acc.add_(term)
+
+    def _keep(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.clone() if rows.dtype in HALF or rows.dtype == self.stats_dtype else rows.to(self.stats_dtype)
+
+    def _allocate(self, group: LayerGroup, st: GroupStats) -> None:
+        d = group.in_features
+        device = self.layers[group.name].weight.device
+        st.gram = torch.zeros(d, d, dtype=self.stats_dtype, device=device)
+        if self._want_cross and self._paired:
+            st.cross = torch.zeros(d, d, dtype=self.stats_dtype, device=device)
 
     @staticmethod
     def _project(projection: tuple, rows: torch.Tensor) -> torch.Tensor:
@@ -415,6 +455,8 @@ class StatsCollector:
         out_norms: bool = False,
         stop_at: str | None = None,
         store=None,
+        rows: str | None = None,
+        rows_tokens: int | None = None,
     ) -> None:
         """Begin one task's statistics for ``groups``.
 
@@ -423,6 +465,9 @@ class StatsCollector:
         ``out_norms`` gathers each member's output norm in the adapter's own model.
         ``stop_at``: a group whose input ends every pass (nothing beyond it is needed).
         ``store``: where remembered projections are kept (a function placing a tensor: GPU or CPU).
+        ``rows``: keep each group's inputs themselves rather than their Gram, "auto" while a task has fewer
+        tokens than d_in, or "always" (never with ``keep_cross``); ``rows_tokens``, the tokens of all tasks
+        together where known: "auto" keeps rows only while that many stay below d_in.
         """
         self._store = store or (lambda t: t)
         self._stats = {}
@@ -433,6 +478,9 @@ class StatsCollector:
         self._gamma = gamma
         self._want_cross = want_cross or keep_cross
         self._keep_cross = keep_cross
+        self._rows_mode = None if keep_cross else rows
+        self._rows_tokens = rows_tokens
+        self._parts = {}
         self._out_norms = out_norms
         self._projections = {}
         for g, members in projections.items():
@@ -481,13 +529,26 @@ class StatsCollector:
         self._stash.clear()
         self._masks = {}
         for group_name, st in stats.items():
-            mirror_gram(st.gram)
+            parts = self._parts.pop(group_name, None)
+            own_rows = own_proj = None
+            if parts is None:
+                mirror_gram(st.gram)
+            else:
+                st.rows = torch.cat(parts["mixed"]).to(self.stats_dtype)
+                own_rows = torch.cat(parts["own"]).to(self.stats_dtype) if parts["own"] else None
+                own_proj = torch.cat(parts["proj"]) if parts["proj"] else None
             if group_name in self._projections:
                 members, ranks, A, _ = self._projections[group_name]
-                whole = A @ st.gram if st.same_inputs else st.proj.pop("")
+                if st.same_inputs and st.rows is not None:
+                    own_proj = st.rows @ A.T
+                    whole = own_proj.T @ st.rows
+                else:
+                    whole = A @ st.gram if st.same_inputs else st.proj.pop("")
                 st.proj = dict(zip(members, whole.split(ranks)))
+                if st.rows is not None:
+                    st.own_proj = dict(zip(members, own_proj.split(ranks, dim=1)))
             if self._want_cross:
-                st.cross_norm = torch.linalg.vector_norm(st.cross_or_gram, dtype=torch.float64)  # stays on the device
+                st.cross_norm = self._cross_norm(st, own_rows)  # stays on the device
             if not self._keep_cross:
                 st.cross = None  # only its norm was needed: free d_in^2 per group now
         for name, value in self._out_sq.items():
@@ -495,3 +556,16 @@ class StatsCollector:
         self._projections = {}
         self._out_sq = {}
         return stats
+
+    @staticmethod
+    def _cross_norm(st: GroupStats, own_rows: torch.Tensor | None) -> torch.Tensor:
+        """||X^T Xh||_F, 0-dim float64; from kept rows through the tokens x tokens products, since
+        ||X^T Xh||_F^2 = <X X^T, Xh Xh^T>."""
+        if st.rows is None:
+            return torch.linalg.vector_norm(st.cross_or_gram, dtype=torch.float64)
+        mixed = st.rows.double()
+        mixed_products = mixed @ mixed.T
+        if st.same_inputs:
+            return torch.linalg.vector_norm(mixed_products)
+        own = own_rows.double()
+        return ((own @ own.T) * mixed_products).sum().clamp_min(0).sqrt()

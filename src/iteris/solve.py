@@ -33,12 +33,16 @@ class TaskLayerStats:
                 does not touch this layer (its delta is zero there).
     cross_norm: ||X^T Xh||_F (a float, or a 0-dim tensor left on the device).
     weight:     c_i, adaptive weight times the user's manual weight.
+    rows:       Xh itself (n_i x d_in), for the sample-space solve (then gram may be None).
+    own_proj:   X A_i^T (n_i x r_i), likewise; None if the adapter does not touch this layer.
     """
 
-    gram: torch.Tensor
+    gram: torch.Tensor | None
     cross_proj: torch.Tensor | None
     cross_norm: float | torch.Tensor
     weight: float
+    rows: torch.Tensor | None = None
+    own_proj: torch.Tensor | None = None
 
 
 def weight_norm_sq(base: torch.Tensor, lora: LoraModule | None, base_sq: float | None = None) -> float:
@@ -191,6 +195,59 @@ def iteris_solve_many(
         Bs.append(stacked_b(loras, device))
     del grams
     return [(LowRankDelta(B=B, A=A), how) for B, (A, how) in zip(Bs, solve_right_many(Qs, Rs))]
+
+
+def iteris_solve_samples(
+    layers: list[tuple[list[TaskLayerStats], list[LoraModule | None]]], alpha1: float, alpha2: float
+) -> list[tuple[LowRankDelta, str]]:
+    """The default-mode solve of one layer group in sample space (DESIGN.md §3.4), for n = sum_i n_i tokens
+    fewer than d_in: an n x n Cholesky instead of a d_in x d_in one, the same answer.
+
+    With F the stacked rows sqrt(c_i) Xh_i, Q = F^T F + lam I (lam = a2 sum_i c_i ||Xh_i^T Xh_i||_F > 0), and
+    R = G F + E, where G holds sqrt(c_i) s_i (X_i A_i^T)^T in task i's token columns and E the rows
+    a1 c_i s_i ||X_i^T Xh_i|| A_i:
+        R Q^-1 = G K^-1 F + (E - E F^T K^-1 F) / lam,   K = F F^T + lam I   (push-through and Woodbury).
+    The main term has no cancellation; only the small alpha1 term goes through Woodbury's difference."""
+    first = layers[0][0]
+    device = first[0].rows.device
+    X = torch.cat([t.rows.to(SOLVE_DTYPE) for t in first])  # the group's members read the same rows
+    H = X @ X.T
+    counts = [t.rows.shape[0] for t in first]
+    edges = [0]
+    for n in counts:
+        edges.append(edges[-1] + n)
+    gram_norms = [torch.linalg.vector_norm(H[a:b, a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    Ks, lefts, extras, row_scales, Bs = [], [], [], [], []
+    for tasks, loras in layers:
+        lam = alpha2 * sum(t.weight * norm for t, norm in zip(tasks, gram_norms))
+        root = torch.cat([torch.full((n,), t.weight**0.5, dtype=SOLVE_DTYPE, device=device) for t, n in zip(tasks, counts)])
+        K = H * root[:, None] * root[None, :]
+        K.diagonal().add_(lam)
+        blocks, extra = [], []
+        for t, lora, a, b in zip(tasks, loras, edges[:-1], edges[1:]):
+            if lora is None:
+                continue
+            G = torch.zeros(lora.A.shape[0], X.shape[0], dtype=SOLVE_DTYPE, device=device)
+            G[:, a:b] = (t.weight**0.5 * lora.scale) * t.own_proj.to(SOLVE_DTYPE).T
+            blocks.append(G)
+            if alpha1 != 0.0:
+                extra.append((alpha1 * t.weight * lora.scale * t.cross_norm) * lora.A.to(device=device, dtype=SOLVE_DTYPE))
+        left = torch.cat(blocks)
+        E = torch.cat(extra) if extra else None
+        if E is not None:
+            left = left - ((E @ X.T) * root[None, :]) / lam  # E F^T / lam
+        Ks.append(K)
+        lefts.append(left)
+        extras.append(None if E is None else E / lam)
+        row_scales.append(root)
+        Bs.append(stacked_b(loras, device))
+    out = []
+    for (Y, how), root, extra, B in zip(solve_right_many(Ks, lefts), row_scales, extras, Bs):
+        A = (Y * root[None, :]) @ X  # (left K^-1) F
+        if extra is not None:
+            A = A + extra
+        out.append((LowRankDelta(B=B, A=A), how))
+    return out
 
 
 def _stacked_rows(tasks: list[TaskLayerStats], loras, alpha1: float, device) -> torch.Tensor:

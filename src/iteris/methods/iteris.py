@@ -11,7 +11,9 @@ from tqdm.auto import tqdm
 from ..capture import GroupStats
 from ..deltas import relative_change
 from ..errors import IterisError
-from ..solve import TaskLayerStats, adaptive_weight, iteris_solve, iteris_solve_many, pretrain_rhs, weight_norm_sq
+from ..solve import (
+    TaskLayerStats, adaptive_weight, iteris_solve, iteris_solve_many, iteris_solve_samples, pretrain_rhs, weight_norm_sq,
+)
 from .base import MergeContext, param, register
 
 
@@ -26,6 +28,12 @@ class IterISParams:
     adaptive_weights: bool = param(True, "c_i = ||W0 + dW_i||^2 / ||X_i (W0 + dW_i)^T||^2, balancing task scales")
     with_pretrain_matrix: bool = param(False, "fit the whole weight W0 + dW instead of the delta (dense result)")
     tol: float | None = param(None, "stop early once the merged deltas change by less than this (relative)")
+    solve_space: str = param(
+        "auto",
+        "auto: solve a layer group in sample space (an n x n Cholesky, n the tokens of all tasks) when there are "
+        "fewer tokens than input features, else with its Grams; features: always the Grams; samples: always the "
+        "tokens (alpha2 > 0; the inputs are then kept, not their Gram)",
+    )
     schedule: str = param(
         "global",
         "global: the paper's rounds (solve every layer, then rerun the merged model); sequential: one sweep in "
@@ -39,6 +47,10 @@ class IterISParams:
             raise IterisError(f"iteris: gamma must be in [0, 1], got {self.gamma}")
         if self.alpha1 < 0 or self.alpha2 < 0:
             raise IterisError("iteris: alpha1 and alpha2 must be >= 0")
+        if self.solve_space not in ("auto", "features", "samples"):
+            raise IterisError(f"iteris: solve_space must be auto, features or samples, got '{self.solve_space}'")
+        if self.solve_space == "samples" and (self.alpha2 == 0 or self.with_pretrain_matrix):
+            raise IterisError("iteris: solve_space: samples needs alpha2 > 0 and with_pretrain_matrix: false")
         if self.schedule not in ("global", "sequential"):
             raise IterisError(f"iteris: schedule must be global or sequential, got '{self.schedule}'")
         if self.tol is not None and self.tol <= 0:
@@ -66,12 +78,24 @@ def _task_weights(ctx: MergeContext, names: list[str], per_task: list[dict[str, 
 def _solve_layers(ctx: MergeContext, names: list[str], per_task: list[dict[str, GroupStats]], coef) -> dict:
     p = ctx.params
     calib = ctx.calibration
+    by_group: dict[str, list[int]] = {}
+    for k, name in enumerate(names):
+        by_group.setdefault(calib.group_of[name], []).append(k)
+    # sample space where every task kept its rows (fewer tokens than features), the Grams elsewhere
+    in_samples = {
+        g for g in by_group
+        if p.alpha2 > 0 and all(stats[g].rows is not None for stats in per_task)
+        and (p.solve_space == "samples" or sum(stats[g].rows.shape[0] for stats in per_task) < calib.in_features(g))
+    }
     problems = []
     for name in names:
         group = calib.group_of[name]
+        rows = group in in_samples
         tasks = [
-            TaskLayerStats(gram=stats[group].gram, cross_proj=stats[group].proj.get(name),
-                           cross_norm=stats[group].cross_norm if p.alpha1 else 0.0, weight=c)
+            TaskLayerStats(gram=None if rows else stats[group].full_gram(), cross_proj=stats[group].proj.get(name),
+                           cross_norm=stats[group].cross_norm if p.alpha1 else 0.0, weight=c,
+                           rows=stats[group].rows if rows else None,
+                           own_proj=stats[group].own_proj.get(name) if rows else None)
             for stats, c in zip(per_task, coef[name])
         ]
         problems.append((tasks, ctx.loras(name)))
@@ -86,12 +110,12 @@ def _solve_layers(ctx: MergeContext, names: list[str], per_task: list[dict[str, 
     else:
         # one group at a time: its members share the float64 copies of its Grams, and only one group's are alive
         solved = [None] * len(names)
-        by_group: dict[str, list[int]] = {}
-        for k, name in enumerate(names):
-            by_group.setdefault(calib.group_of[name], []).append(k)
-        for members in by_group.values():
-            for k, result in zip(members, iteris_solve_many([problems[k] for k in members], p.alpha1, p.alpha2)):
+        for group, members in by_group.items():
+            solve = iteris_solve_samples if group in in_samples else iteris_solve_many
+            for k, result in zip(members, solve([problems[k] for k in members], p.alpha1, p.alpha2)):
                 solved[k] = result
+        if in_samples:  # which layer groups were solved in sample space (in any sweep)
+            ctx.report["sample_space_groups"] = sorted(set(ctx.report.get("sample_space_groups", [])) | in_samples)
     deltas = {}
     for name, (delta, how) in zip(names, solved):
         deltas[name] = delta
@@ -117,8 +141,11 @@ def iteris(ctx: MergeContext):
             coef.update(_task_weights(ctx, fresh, per_task))
         return _solve_layers(ctx, names, per_task, coef)
 
+    rows = None
+    if p.alpha2 > 0 and not p.with_pretrain_matrix and p.solve_space != "features":
+        rows = "always" if p.solve_space == "samples" else "auto"
     capture = dict(
-        want_cross=p.alpha1 != 0.0, keep_cross=p.with_pretrain_matrix, out_norms=p.adaptive_weights
+        want_cross=p.alpha1 != 0.0, keep_cross=p.with_pretrain_matrix, out_norms=p.adaptive_weights, rows=rows
     )
     history = []
 
