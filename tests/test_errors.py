@@ -194,6 +194,8 @@ def test_empty_adapter_list(llama, no_adapter_loading):
         (lambda c: c["calibration"].update(samples=0), "samples"),
         (lambda c: c["calibration"].update(stats_dtype="float16"), "stats_dtype"),
         (lambda c: c["calibration"].update(overlap="yes"), "overlap"),
+        (lambda c: c.update(device_map="everywhere"), "device_map"),
+        (lambda c: c.update(device_map="auto", device="cpu"), "device_map"),
         (lambda c: c["calibration"].update(walk="layers"), "walk"),
         (lambda c: c["adapters"][0].update(weight="heavy"), "weight"),
         (lambda c: c.update(parameters=[1, 2]), "parameters"),
@@ -507,3 +509,13 @@ def test_drop_heads(bert, tmp_path):
     iteris.merge(_cfg(base, adapters, modules_to_save="drop"), out=out)
     sd = load_file(str(out / "adapter_model.safetensors"))
     assert not any("classifier" in k for k in sd)
+
+
+def test_device_map_without_a_gpu_is_refused_before_loading(llama, llama_data, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base, adapters = llama
+    cfg = _cfg(base, adapters, data=llama_data, method="iteris", device="auto", device_map="auto")
+    with pytest.raises(IterisError, match="no CUDA GPU"):
+        iteris.merge(cfg)

@@ -20,15 +20,17 @@ from .adapters import LoraAdapter
 from .capture import DeltaInjector, GroupStats, LayerGroup, StatsCollector, find_groups
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
-from .models import TokenSample, base_weight, batches, find_stack, first_block_call, make_batch, run_forward
+from .models import (
+    TokenSample, base_weight, batches, find_stack, first_block_call, input_device, make_batch, run_forward,
+)
 
 Delta = LowRankDelta | DenseDelta
 # A method's solve of one stage: (layer names, per-task {group: statistics}) -> {layer: merged delta}.
 StageSolve = Callable[[list[str], list[dict[str, GroupStats]]], dict[str, Delta]]
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+def _sync(devices: list[torch.device]) -> None:
+    for device in devices:
         torch.cuda.synchronize(device)
 
 
@@ -56,7 +58,8 @@ class Calibration:
         self.task_names = task_names
         self.pad_id = pad_id
         self.batch_size = batch_size
-        self.device = str(next(model.parameters()).device)
+        self.device = input_device(model)  # where batches go; a spread model's blocks may sit on other GPUs
+        self.gpus = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str)
         self.progress = progress
         self.capture_seconds = 0.0
         self.solve_seconds = 0.0
@@ -66,7 +69,8 @@ class Calibration:
         self.offload_states = offload_states
         # overlap: a block's solve runs on a worker thread (and, on a GPU, a side stream) while the next
         # block is captured; "on" forces it on the CPU too (same answer, for tests)
-        self.overlap = overlap == "on" or (overlap == "auto" and self.device.startswith("cuda"))
+        # (one GPU only: on a spread model each GPU's solves already queue behind its own captures)
+        self.overlap = len(self.gpus) <= 1 and (overlap == "on" or (overlap == "auto" and self.device.startswith("cuda")))
         self._remembered: list[list[dict]] | None = None  # [task][batch] -> group -> projected own rows
         # tokens of every task together (main stream): the size of a sample-space solve
         self._tokens = [sum(len(s.input_ids) for s in samples) for samples in task_samples]
@@ -164,10 +168,10 @@ class Calibration:
         return self._sweep_model(solve, task_batches, proj, options, label)
 
     def _timed_solve(self, solve: StageSolve, stage: list[LayerGroup], per_task) -> dict[str, Delta]:
-        _sync(self.device)
+        _sync(self.gpus)
         start = time.perf_counter()
         out = solve([m for g in stage for m in g.members], per_task)
-        _sync(self.device)
+        _sync(self.gpus)
         self.solve_seconds += time.perf_counter() - start
         return out
 
@@ -187,7 +191,7 @@ class Calibration:
                         self.collector.merged_pass(lambda: run_forward(self.model, batch), batch)
                 bar.update(1)
             per_task.append(self.collector.finish())
-        _sync(self.device)
+        _sync(self.gpus)
         self.capture_seconds += time.perf_counter() - start
         bar.close()
         return self._timed_solve(solve, self.groups, per_task)
@@ -216,12 +220,16 @@ class Calibration:
         by_block: dict[int, list[LayerGroup]] = {}
         for g in self.groups:
             by_block.setdefault(stack.block_of[g.name], []).append(g)
+        # each block's hidden state goes to the GPU holding it (spread models' hooks move the other inputs)
+        block_device = {id(b): next(b.parameters(), torch.empty(0, device=self.device)).device for b in stack.blocks}
         bar = tqdm(total=len(stack.blocks), desc=f"{label}: blocks", disable=not self.progress, leave=False, unit="block")
 
         def run(block, call, variant, overrides):
+            device = block_device[id(block)]
+
             def forward():
                 with self.injector.use(variant, overrides):
-                    return call.run(block, call.hidden.to(self.device, non_blocking=True))
+                    return call.run(block, call.hidden.to(device, non_blocking=True))
 
             return forward
 
@@ -252,7 +260,7 @@ class Calibration:
                                     call.hidden = self._store(out)
                         per_task.append(self.collector.finish())
                     if overlapped is None:
-                        _sync(self.device)
+                        _sync(self.gpus)
                     capture += time.perf_counter() - t0
                     if stage and overlapped is not None:
                         result.update(overlapped.submit(solve, [m for g in stage for m in g.members], per_task))
@@ -267,7 +275,7 @@ class Calibration:
                     for i in range(len(task_batches)):
                         for call in merged[i]:
                             call.hidden = self._store(run(block, call, "merged", self.merged_overrides[i])())
-                    _sync(self.device)
+                    _sync(self.gpus)
                     capture += time.perf_counter() - t0
                 bar.update(1)
             if overlapped is not None:

@@ -48,6 +48,9 @@ class CalibrationConfig:
         return "float64" if device == "cpu" else "float32"
 
 
+DEVICE_MAPS = (None, "auto", "balanced", "balanced_low_0", "sequential")
+
+
 @dataclass
 class AdapterSpec:
     name: str
@@ -67,6 +70,7 @@ class MergeConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     tokenizer: str | None = None  # defaults to base_model
     device: str = "auto"
+    device_map: str | None = None  # auto | balanced | balanced_low_0 | sequential: spread the model over the GPUs
     dtype: str = "auto"  # model dtype for the forward passes
     rank: int | None = None  # compress the merged LoRA to this rank by SVD (error reported)
     merge_into_base: bool = False  # save a full model instead of an adapter
@@ -80,6 +84,10 @@ class MergeConfig:
             raise IterisError("'parameters' must be a mapping of the method's parameters")
         if self.rank is not None:
             _positive_int("rank", self.rank)
+        if self.device_map not in DEVICE_MAPS:
+            raise IterisError(f"device_map must be one of {[m for m in DEVICE_MAPS if m]} (or unset), got {self.device_map!r}")
+        if self.device_map and self.device not in ("auto", "cuda"):
+            raise IterisError(f"device_map spreads the model over every visible GPU; leave device: auto (got {self.device!r})")
         names = [a.name for a in self.adapters]
         if len(set(names)) != len(names):
             raise IterisError(f"adapter names must be unique, got {names}")

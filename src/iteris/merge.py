@@ -113,10 +113,15 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
         texts.append(select_samples(records, cfg.calibration, spec.data, field=spec.field, samples=spec.samples))
 
     device = models.resolve_device(cfg.device)
+    if cfg.device_map and not device.startswith("cuda"):
+        raise IterisError("device_map spreads the model over GPUs, and no CUDA GPU is visible; unset device_map")
     dtype = models.resolve_dtype(cfg.dtype, device)
     all_extras = {k: v for a in adapters for k, v in a.extra_tensors.items()}
     tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model)
-    model = models.load_base_model(cfg.base_model, adapters[0].task_type, all_extras, dtype, device, tokenizer)
+    model = models.load_base_model(cfg.base_model, adapters[0].task_type, all_extras, dtype, device, tokenizer,
+                                   device_map=cfg.device_map)
+    if cfg.device_map:
+        device = models.input_device(model)
     layers = models.resolve_layers(model, targets)
     models.check_layer_shapes(layers, adapters)
     kind = models.model_kind(model)
@@ -148,6 +153,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
         raise
     report["calibration"] = {
         "device": device,
+        **({"devices": sorted({str(p.device) for p in model.parameters()})} if cfg.device_map else {}),
         "dtype": str(dtype).replace("torch.", ""),
         "stats_dtype": stats_dtype,
         "model_kind": kind,
@@ -292,7 +298,7 @@ def merge_loaded(
     weights = [float(w) for w in (weights or [1.0] * len(adapters))]
     layers = models.resolve_layers(model, targets)
     models.check_layer_shapes(layers, adapters)
-    device = str(next(model.parameters()).device)
+    device = models.input_device(model)  # a model spread over GPUs takes its inputs where its embeddings are
     stats_dtype = cal.resolved_stats_dtype(device)
     report: dict = {"method": spec.name, "parameters": asdict(params), "timings": {}}
     calib = None

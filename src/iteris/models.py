@@ -43,6 +43,13 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def input_device(model) -> str:
+    """Where a model's inputs go: its input embeddings' device (the first GPU of a spread model)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return str(weight.device if weight is not None else next(model.parameters()).device)
+
+
 def resolve_device(name: str | None) -> str:
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,18 +100,32 @@ def check_against_base(path: str, adapters, targets: list[str]) -> None:
 
 
 def load_base_model(
-    path: str, task_type: str | None, extra_tensors: dict, dtype: torch.dtype, device: str, tokenizer=None
+    path: str, task_type: str | None, extra_tensors: dict, dtype: torch.dtype, device: str, tokenizer=None,
+    device_map: str | None = None,
 ):
-    """Load the base model in the class its adapters were trained on, never running remote code."""
+    """Load the base model in the class its adapters were trained on, never running remote code.
+
+    ``device_map`` spreads it over the visible GPUs (transformers' placement); every layer must land on a
+    GPU, since a merge reads each target weight and keeps its statistics beside it."""
     auto_cls, _, kwargs = _auto_class(path, task_type, extra_tensors)
+    placement = {"device_map": device_map} if device_map else {}
     try:
-        model = auto_cls.from_pretrained(path, dtype=dtype, **kwargs, **(_LOAD_OPTIONS if kwargs else {}))
+        model = auto_cls.from_pretrained(path, dtype=dtype, **placement, **kwargs, **(_LOAD_OPTIONS if kwargs else {}))
     except OSError as exc:
         raise IterisError(f"cannot load the base model's weights from '{path}': {exc}") from None
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         # decoder-only classifiers find each sequence's last token through the pad id
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
+    if device_map:
+        offloaded = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()
+                            if str(d) in ("cpu", "disk", "meta")})
+        if offloaded:
+            raise IterisError(
+                f"device_map: {device_map} put part of the model on {offloaded}: it does not fit the visible GPUs. "
+                "Use more GPUs, a smaller dtype, or device_map: sequential after freeing GPU memory"
+            )
+    else:
+        model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
