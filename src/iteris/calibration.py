@@ -197,7 +197,12 @@ class Calibration:
         return self._timed_solve(solve, self.groups, per_task)
 
     def _store(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.to("cpu", non_blocking=False) if self.offload_states else hidden
+        """A state kept between blocks: in place, or (offload_states) in pinned CPU memory, copied without
+        stalling the GPU queue (pinned blocks are reused only once their copies are done)."""
+        if not self.offload_states or not hidden.is_cuda:
+            return hidden.to("cpu") if self.offload_states else hidden
+        kept = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        return kept.copy_(hidden, non_blocking=True)
 
     def _sweep_blocks(self, solve, task_batches, proj, options, sequential, label, recall) -> dict[str, Delta]:
         stack, paired = self.stack, options["paired"]
