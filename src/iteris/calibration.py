@@ -141,8 +141,8 @@ class Calibration:
         ``remember`` (own-only sweeps): keep each adapter's inputs projected on its A (tokens x r per layer
         group), so later paired sweeps that need nothing else of them (gamma = 0, no cross term) skip
         running the adapters' own models altogether.
-        ``rows``: keep each layer group's inputs instead of their Gram ("auto": while a task has fewer tokens
-        than d_in; "always"), for solves in sample space.
+        ``rows``: keep each layer group's inputs instead of their Gram ("auto": where all tasks' tokens
+        together are fewer than d_in; "always"), for solves in sample space.
         """
         if sequential and not self.walks_blocks:
             raise IterisError(
@@ -335,7 +335,8 @@ class _OverlappedSolves:
         if self.cuda:
             self.side.wait_stream(self.main)  # the statistics are complete when the solve starts
             for t in _stats_tensors(per_task):
-                t.record_stream(self.side)
+                if t.device == self.side.device:
+                    t.record_stream(self.side)
         self.pending = self.pool.submit(self._run, solve, names, per_task)
         return done
 
@@ -346,7 +347,7 @@ class _OverlappedSolves:
             out = solve(names, per_task)
         for delta in out.values():
             for t in vars(delta).values():
-                if isinstance(t, torch.Tensor) and t.is_cuda:
+                if isinstance(t, torch.Tensor) and t.device == self.main.device:
                     t.record_stream(self.main)
         return out
 

@@ -217,7 +217,7 @@ class GroupStats:
     proj:   A_m X^T Xh for each member m given a projection.
     out_sq: ||X W_m^T||_F^2 per member, W_m the layer's weight in the adapter's own model (what the
             layer outputs there), when asked for: the denominator of the adaptive weight.
-    rows, own_proj: where the task has fewer tokens than d_in and rows were asked for, Xh itself
+    rows, own_proj: where rows were asked for and the tasks' tokens together are fewer than d_in, Xh itself
             (tokens x d_in, then ``gram`` is None) and X A_m^T per member (tokens x r_m): a solve in
             sample space (DESIGN.md §3.4) needs them; ``full_gram()`` still gives the Gram.
     """
@@ -279,7 +279,6 @@ def mirror_gram(acc: torch.Tensor) -> None:
     for i, a in enumerate(blocks):
         for b in blocks[i + 1:]:
             acc[b, a].copy_(acc[a, b].T)
-
 
 
 class StatsCollector:
