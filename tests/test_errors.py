@@ -194,6 +194,7 @@ def test_empty_adapter_list(llama, no_adapter_loading):
         (lambda c: c["calibration"].update(samples=0), "samples"),
         (lambda c: c["calibration"].update(stats_dtype="float16"), "stats_dtype"),
         (lambda c: c["calibration"].update(overlap="yes"), "overlap"),
+        (lambda c: c["calibration"].update(offload_stats="yes"), "offload_stats"),
         (lambda c: c.update(device_map="everywhere"), "device_map"),
         (lambda c: c.update(device_map="auto", device="cpu"), "device_map"),
         (lambda c: c["calibration"].update(walk="layers"), "walk"),

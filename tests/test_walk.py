@@ -173,3 +173,20 @@ def test_sample_space_solve_equals_the_gram_solve(params, samples, tiny_family_d
     assert all(g.endswith("down_proj") for g in chosen) and len(chosen) == (2 if samples == 2 else 0)
     assert _max_rel(_dense(runs["samples"]), _dense(runs["features"])) < 1e-9
     assert _max_rel(_dense(runs["auto"]), _dense(runs["features"])) < 1e-9
+
+
+@pytest.mark.parametrize("method, params", [
+    ("iteris", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4}),
+    ("iteris", {"iterations": 1, "alpha1": 1e-3, "alpha2": 1e-3, "with_pretrain_matrix": True}),
+    ("regmean", {}),
+])
+def test_offloaded_statistics_give_the_same_merge(method, params, tiny_family_dir, adapters_for, calibration_file):
+    base = tiny_family_dir("llama")
+    adapters = adapters_for("llama", 2)
+    data = [calibration_file("jsonl", 6, s) for s in (0, 1)]
+    runs = {}
+    for offload in (True, False):
+        cfg = _config(base, adapters, data, method=method, parameters=params)
+        cfg["calibration"]["offload_stats"] = offload
+        runs[offload] = _dense(iteris.merge(cfg))
+    assert _max_rel(runs[True], runs[False]) < 1e-12

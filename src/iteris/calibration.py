@@ -9,6 +9,7 @@ memory does not grow with depth. Other models (encoder-decoders) run whole, ever
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
@@ -51,6 +52,7 @@ class Calibration:
         walk: str = "auto",
         offload_states: bool = False,
         overlap: str = "auto",
+        offload_stats: bool = False,
     ):
         self.model = model
         self.layers = layers
@@ -67,6 +69,7 @@ class Calibration:
         self._own_overrides = [self._on_model(o) for o in own_overrides]
         self.merged_overrides = [self._on_model(o) for o in merged_overrides]
         self.offload_states = offload_states
+        self.offload_stats = offload_stats
         # overlap: a block's solve runs on a worker thread (and, on a GPU, a side stream) while the next
         # block is captured; "on" forces it on the CPU too (same answer, for tests)
         # (one GPU only: on a spread model each GPU's solves already queue behind its own captures)
@@ -190,19 +193,32 @@ class Calibration:
                     with self.injector.use("merged", self.merged_overrides[i]):
                         self.collector.merged_pass(lambda: run_forward(self.model, batch), batch)
                 bar.update(1)
-            per_task.append(self.collector.finish())
+            per_task.append(self._finished())
         _sync(self.gpus)
         self.capture_seconds += time.perf_counter() - start
         bar.close()
         return self._timed_solve(solve, self.groups, per_task)
 
     def _store(self, hidden: torch.Tensor) -> torch.Tensor:
-        """A state kept between blocks: in place, or (offload_states) in pinned CPU memory, copied without
-        stalling the GPU queue (pinned blocks are reused only once their copies are done)."""
-        if not self.offload_states or not hidden.is_cuda:
-            return hidden.to("cpu") if self.offload_states else hidden
-        kept = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-        return kept.copy_(hidden, non_blocking=True)
+        """A state kept between blocks: in place, or (offload_states) in CPU memory."""
+        return _to_host(hidden) if self.offload_states else hidden
+
+    def _finished(self) -> dict[str, GroupStats]:
+        """The collector's statistics for one task; with offload_stats, moved to CPU memory at once, so the
+        GPU holds one task's statistics while capturing and one group's while solving."""
+        stats = self.collector.finish()
+        if self.offload_stats:
+            for st in stats.values():
+                _map_tensors(st, _to_host)
+        return stats
+
+    def onload(self, group: str, st: GroupStats) -> GroupStats:
+        """A group's statistics where its layer is (a copy, if they were offloaded): what a solve reads."""
+        if not self.offload_stats:
+            return st
+        device = self.layers[group].weight.device
+        return _map_tensors(dataclasses.replace(st, proj=dict(st.proj), own_proj=dict(st.own_proj)),
+                            lambda t: t.to(device, non_blocking=True))
 
     def _sweep_blocks(self, solve, task_batches, proj, options, sequential, label, recall) -> dict[str, Delta]:
         stack, paired = self.stack, options["paired"]
@@ -263,7 +279,7 @@ class Calibration:
                                 out = self.collector.merged_pass(forward, batch, self._remembered[i][j] if recall else None)
                                 if last and not sequential:
                                     call.hidden = self._store(out)
-                        per_task.append(self.collector.finish())
+                        per_task.append(self._finished())
                     if overlapped is None:
                         _sync(self.gpus)
                     capture += time.perf_counter() - t0
@@ -300,6 +316,27 @@ class Calibration:
         self._remembered = None
         self.collector.remove()
         self.injector.remove()
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """t in CPU memory; from a GPU into pinned memory, copied without stalling the GPU queue (pinned blocks
+    are reused only once their copies are done)."""
+    if not t.is_cuda:
+        return t.to("cpu")
+    kept = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return kept.copy_(t, non_blocking=True)
+
+
+def _map_tensors(st: GroupStats, move) -> GroupStats:
+    """Apply ``move`` to every tensor a GroupStats holds, in place."""
+    for key, value in vars(st).items():
+        if isinstance(value, torch.Tensor):
+            setattr(st, key, move(value))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, torch.Tensor):
+                    value[k] = move(v)
+    return st
 
 
 def _stats_tensors(per_task: list[dict[str, GroupStats]]):

@@ -28,6 +28,7 @@ class CalibrationConfig:
     walk: str = "auto"  # blocks: one block at a time (memory flat in depth); model: whole passes; auto: blocks where possible
     offload_states: bool = False  # keep the block-boundary hidden states in CPU memory (GPU memory flat in samples)
     overlap: str = "auto"  # solve each block while the next is captured (global schedule); auto: on a GPU
+    offload_stats: bool = False  # keep finished statistics in CPU memory; a layer group's return to the GPU for its solve
 
     def validate(self) -> None:
         for name in ("samples", "max_length", "batch_size", "max_new_tokens"):
@@ -38,8 +39,9 @@ class CalibrationConfig:
             raise IterisError(f"calibration.walk must be auto, blocks or model, got {self.walk!r}")
         if self.overlap not in ("auto", "on", "off"):
             raise IterisError(f"calibration.overlap must be auto, on or off, got {self.overlap!r}")
-        if not isinstance(self.offload_states, bool):
-            raise IterisError(f"calibration.offload_states must be true or false, got {self.offload_states!r}")
+        for name in ("offload_states", "offload_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise IterisError(f"calibration.{name} must be true or false, got {getattr(self, name)!r}")
 
     def resolved_stats_dtype(self, device: str) -> str:
         """auto: float64 on the CPU (exact, and the CPU has no faster path), float32 on a GPU."""

@@ -147,6 +147,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
             model, layers, injector, samples, [s.name for s in cfg.adapters], tokenizer.pad_token_id,
             cfg.calibration.batch_size, getattr(torch, stats_dtype), cfg.progress, own, merged,
             walk=cfg.calibration.walk, offload_states=cfg.calibration.offload_states, overlap=cfg.calibration.overlap,
+            offload_stats=cfg.calibration.offload_stats,
         )
     except BaseException:
         injector.remove()
@@ -311,6 +312,7 @@ def merge_loaded(
                 model, layers, injector, samples, [a.name for a in adapters], pad_id, cal.batch_size,
                 getattr(torch, stats_dtype), progress, [{} for _ in adapters], [{} for _ in adapters],
                 walk=cal.walk, offload_states=cal.offload_states, overlap=cal.overlap,
+                offload_stats=cal.offload_stats,
             )
             report["calibration"] = {"walk": "blocks" if calib.walks_blocks else "model", "stats_dtype": stats_dtype}
         ctx = MergeContext(adapters=adapters, weights=weights, targets=targets, params=params, calibration=calib,

@@ -87,35 +87,34 @@ def _solve_layers(ctx: MergeContext, names: list[str], per_task: list[dict[str, 
         if p.alpha2 > 0 and all(stats[g].rows is not None for stats in per_task)
         and (p.solve_space == "samples" or sum(stats[g].rows.shape[0] for stats in per_task) < calib.in_features(g))
     }
-    problems = []
-    for name in names:
-        group = calib.group_of[name]
+    solved = [None] * len(names)
+    # one group at a time: its members share its statistics (brought back to the GPU if they were offloaded)
+    # and the float64 copies of its Grams, and only one group's are alive
+    for group, members in by_group.items():
         rows = group in in_samples
-        tasks = [
-            TaskLayerStats(gram=None if rows else stats[group].full_gram(), cross_proj=stats[group].proj.get(name),
-                           cross_norm=stats[group].cross_norm if p.alpha1 else 0.0, weight=c,
-                           rows=stats[group].rows if rows else None,
-                           own_proj=stats[group].own_proj.get(name) if rows else None)
-            for stats, c in zip(per_task, coef[name])
-        ]
-        problems.append((tasks, ctx.loras(name)))
-    if p.with_pretrain_matrix:
-        solved = []
-        for name, (tasks, loras) in zip(names, problems):
-            W0 = calib.base_weight(name).to(torch.float64)
-            group = calib.group_of[name]
-            base_rhs = sum(pretrain_rhs(W0, stats[group].cross_or_gram, t.weight, p.alpha1, t.cross_norm)
-                           for stats, t in zip(per_task, tasks))
-            solved.append(iteris_solve(tasks, loras, p.alpha1, p.alpha2, base_weight=W0, base_rhs=base_rhs))
-    else:
-        # one group at a time: its members share the float64 copies of its Grams, and only one group's are alive
-        solved = [None] * len(names)
-        for group, members in by_group.items():
-            solve = iteris_solve_samples if group in in_samples else iteris_solve_many
-            for k, result in zip(members, solve([problems[k] for k in members], p.alpha1, p.alpha2)):
+        group_stats = [calib.onload(group, stats[group]) for stats in per_task]
+        problems = []
+        for k in members:
+            tasks = [
+                TaskLayerStats(gram=None if rows else st.full_gram(), cross_proj=st.proj.get(names[k]),
+                               cross_norm=st.cross_norm if p.alpha1 else 0.0, weight=c,
+                               rows=st.rows if rows else None, own_proj=st.own_proj.get(names[k]) if rows else None)
+                for st, c in zip(group_stats, coef[names[k]])
+            ]
+            problems.append((tasks, ctx.loras(names[k])))
+        if p.with_pretrain_matrix:
+            for k, (tasks, loras) in zip(members, problems):
+                W0 = calib.base_weight(names[k]).to(torch.float64)
+                base_rhs = sum(pretrain_rhs(W0, st.cross_or_gram, t.weight, p.alpha1, t.cross_norm)
+                               for st, t in zip(group_stats, tasks))
+                solved[k] = iteris_solve(tasks, loras, p.alpha1, p.alpha2, base_weight=W0, base_rhs=base_rhs)
+        else:
+            solve = iteris_solve_samples if rows else iteris_solve_many
+            for k, result in zip(members, solve(problems, p.alpha1, p.alpha2)):
                 solved[k] = result
-        if in_samples:  # which layer groups were solved in sample space (in any sweep)
-            ctx.report["sample_space_groups"] = sorted(set(ctx.report.get("sample_space_groups", [])) | in_samples)
+        del group_stats, problems
+    if in_samples:  # which layer groups were solved in sample space (in any sweep)
+        ctx.report["sample_space_groups"] = sorted(set(ctx.report.get("sample_space_groups", [])) | in_samples)
     deltas = {}
     for name, (delta, how) in zip(names, solved):
         deltas[name] = delta

@@ -30,16 +30,17 @@ def regmean(ctx: MergeContext):
 
     def solve_stage(names, per_task):
         out = {}
+        by_group: dict[str, list[str]] = {}
         for name in names:
-            group = calib.group_of[name]
-            grams, weights = [], []
-            for stats, w in zip(per_task, ctx.weights):
-                st = stats[group]
-                grams.append(st.gram)
-                weights.append(w / st.tokens if ctx.params.normalize else w)
-            out[name], how = regmean_solve(grams, ctx.loras(name), ctx.params.reduction, weights)
-            if how != "cholesky":
-                ctx.report.setdefault("singular_layers", []).append(name)
+            by_group.setdefault(calib.group_of[name], []).append(name)
+        for group, members in by_group.items():
+            group_stats = [calib.onload(group, stats[group]) for stats in per_task]  # back on the GPU if offloaded
+            grams = [st.full_gram() for st in group_stats]
+            weights = [w / st.tokens if ctx.params.normalize else w for st, w in zip(group_stats, ctx.weights)]
+            for name in members:
+                out[name], how = regmean_solve(grams, ctx.loras(name), ctx.params.reduction, weights)
+                if how != "cholesky":
+                    ctx.report.setdefault("singular_layers", []).append(name)
         return out
 
     return calib.sweep(solve_stage, ctx.adapters, paired=False, projections=False, label="regmean")
