@@ -76,7 +76,7 @@ class Calibration:
         self.overlap = len(self.gpus) <= 1 and (overlap == "on" or (overlap == "auto" and self.device.startswith("cuda")))
         self._remembered: list[list[dict]] | None = None  # [task][batch] -> group -> projected own rows
         # tokens of every task together (main stream): the size of a sample-space solve
-        self._tokens = [sum(len(s.input_ids) for s in samples) for samples in task_samples]
+        self._total_tokens = sum(len(s.input_ids) for samples in task_samples for s in samples)
         probe = make_batch(task_samples[0][:1], pad_id, self.device)
         self.groups = find_groups(model, layers, probe)
         self.group_of = {m: g.name for g in self.groups for m in g.members}
@@ -156,7 +156,7 @@ class Calibration:
             self.set_merged({})
         options = dict(
             paired=paired or sequential, gamma=gamma, want_cross=want_cross, keep_cross=keep_cross, out_norms=out_norms,
-            rows=rows,
+            rows=rows, rows_tokens=self._total_tokens,
         )
         proj = [self._projections(a) if projections else {} for a in adapters]
         task_batches = [
@@ -185,7 +185,7 @@ class Calibration:
                    unit="batch")
         start = time.perf_counter()
         for i, task in enumerate(task_batches):
-            self.collector.start(names, proj[i], rows_tokens=sum(self._tokens), **options)
+            self.collector.start(names, proj[i], **options)
             for batch in task:
                 with self.injector.use(f"own:{i}", self._own_overrides[i]):
                     self.collector.own_pass(lambda: run_forward(self.model, batch), batch)
@@ -266,7 +266,7 @@ class Calibration:
                     per_task = []
                     for i, task in enumerate(task_batches):
                         self.collector.start([g.name for g in stage], proj[i], stop_at=stop_at, store=self._store,
-                                             rows_tokens=sum(self._tokens), **options)
+                                             **options)
                         for j, batch in enumerate(task):
                             if not recall:
                                 forward = run(block, own[i][j], f"own:{i}", self._own_overrides[i])
@@ -328,7 +328,7 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 def _map_tensors(st: GroupStats, move) -> GroupStats:
-    """Apply ``move`` to every tensor a GroupStats holds, in place."""
+    """Replace every tensor a GroupStats holds (fields and dict values) by ``move(tensor)``, in place."""
     for key, value in vars(st).items():
         if isinstance(value, torch.Tensor):
             setattr(st, key, move(value))
@@ -337,16 +337,6 @@ def _map_tensors(st: GroupStats, move) -> GroupStats:
                 if isinstance(v, torch.Tensor):
                     value[k] = move(v)
     return st
-
-
-def _stats_tensors(per_task: list[dict[str, GroupStats]]):
-    for stats in per_task:
-        for st in stats.values():
-            for value in vars(st).values():
-                if isinstance(value, torch.Tensor):
-                    yield value
-                elif isinstance(value, dict):
-                    yield from (v for v in value.values() if isinstance(v, torch.Tensor))
 
 
 class _OverlappedSolves:
@@ -371,11 +361,16 @@ class _OverlappedSolves:
         done = self._collect()
         if self.cuda:
             self.side.wait_stream(self.main)  # the statistics are complete when the solve starts
-            for t in _stats_tensors(per_task):
-                if t.device == self.side.device:
-                    t.record_stream(self.side)
+            for stats in per_task:
+                for st in stats.values():
+                    _map_tensors(st, self._used_on_side)
         self.pending = self.pool.submit(self._run, solve, names, per_task)
         return done
+
+    def _used_on_side(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device == self.side.device:
+            t.record_stream(self.side)
+        return t
 
     def _run(self, solve, names, per_task) -> dict[str, Delta]:
         if not self.cuda:

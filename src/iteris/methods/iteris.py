@@ -81,10 +81,11 @@ def _solve_layers(ctx: MergeContext, names: list[str], per_task: list[dict[str, 
     by_group: dict[str, list[int]] = {}
     for k, name in enumerate(names):
         by_group.setdefault(calib.group_of[name], []).append(k)
-    # sample space where every task kept its rows (fewer tokens than features), the Grams elsewhere
+    # sample space where every task kept its rows (fewer tokens than features), the Grams elsewhere; rows are
+    # kept only when the capture was asked for them (alpha2 > 0, no with_pretrain_matrix)
     in_samples = {
         g for g in by_group
-        if p.alpha2 > 0 and all(stats[g].rows is not None for stats in per_task)
+        if all(stats[g].rows is not None for stats in per_task)
         and (p.solve_space == "samples" or sum(stats[g].rows.shape[0] for stats in per_task) < calib.in_features(g))
     }
     solved = [None] * len(names)
