@@ -12,6 +12,7 @@ Suites:
   official   1B shapes against benchmarks/official_approach.py on the same model and inputs (same answer?)
   precision  125M shapes: float32 statistics from bf16 GEMMs against float64 statistics
   sequential 1B shapes: the sequential schedule against the global schedule run to its fixed point
+  options    1B shapes: batch size, offload_stats, and the sample-space solve on short inputs
 Each prints one table and writes <suite>.json into --out.
 """
 
@@ -434,8 +435,43 @@ def suite_sequential(args, rates, device):
     return {"rows": rows}
 
 
+def suite_options(args, rates, device):
+    """What the calibration options cost or save: samples per forward pass, statistics offloaded to CPU
+    memory, and the sample-space solve where all tasks' tokens together are fewer than down_proj's d_in."""
+    size, model, adapters = setup(args, device, "1b")
+    s = args.samples or 16
+    samples = make_samples(args.adapters, s, args.tokens)
+    rows = []
+    for alpha1 in (args.alpha, 0.0):
+        params = {"iterations": args.iterations, "alpha1": alpha1, "alpha2": args.alpha}
+        for batch in (8, 16, 32):
+            row = timed_row(f"alpha1={alpha1:g}, batch {batch}", size, model, adapters, samples, args, rates, params,
+                            {"batch_size": batch})
+            rows.append(row)
+    params = {"iterations": args.iterations, "alpha1": args.alpha, "alpha2": args.alpha}
+    rows.append(timed_row("offload_stats, batch 16", size, model, adapters, samples, args, rates, params,
+                          {"batch_size": 16, "offload_stats": True}))
+    print_table(f"options: {size}, {args.adapters} adapters, {s} x {args.tokens} tokens", rows, PHASE_COLUMNS)
+    # short inputs: 4 x 16 x 96 = 6144 tokens < 8192 = down_proj's d_in
+    short = make_samples(args.adapters, s, 96)
+    space = []
+    runs = {}
+    for solve_space in ("features", "auto"):
+        run = run_iteris(model, adapters, short, {**params, "solve_space": solve_space}, {"batch_size": 16})
+        runs[solve_space] = run["deltas"]
+        space.append({"label": solve_space, "wall_s": run["wall_s"], "solve_s": run["report"]["timings"]["solve"],
+                      "peak_extra_gb": run["peak_extra_gb"],
+                      "sample_space_groups": len(run["report"].get("sample_space_groups", []))})
+    space[1]["relative_difference"] = relative_difference(runs["auto"], runs["features"])
+    print_table(f"solve space: {size}, {args.adapters} adapters, {s} x 96 tokens, {args.iterations} iterations", space,
+                [("solve_space", "label", ""), ("wall s", "wall_s", ".2f"), ("solve s", "solve_s", ".2f"),
+                 ("peak GB", "peak_extra_gb", ".2f"), ("sample-space groups", "sample_space_groups", ""),
+                 ("rel. diff vs features", "relative_difference", ".2e")])
+    return {"rows": rows, "solve_space": space}
+
+
 SUITES = {"main": suite_main, "samples": suite_samples, "official": suite_official, "precision": suite_precision,
-          "sequential": suite_sequential}
+          "sequential": suite_sequential, "options": suite_options}
 
 
 def main():

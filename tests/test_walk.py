@@ -190,3 +190,32 @@ def test_offloaded_statistics_give_the_same_merge(method, params, tiny_family_di
         cfg["calibration"]["offload_stats"] = offload
         runs[offload] = _dense(iteris.merge(cfg))
     assert _max_rel(runs[True], runs[False]) < 1e-12
+
+
+def test_merge_loaded_builds_no_autograd_graph_for_trainable_models():
+    """A model fresh from from_pretrained has trainable parameters; the captures must not record a graph
+    (it would keep every batch's activations alive until the statistics are freed)."""
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from iteris.adapters import LoraAdapter, LoraModule
+    from iteris.merge import merge_loaded
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    assert all(p.requires_grad for p in model.parameters())
+    adapters = []
+    for i in range(2):
+        modules = {name: LoraModule(A=torch.randn(4, m.in_features), B=torch.randn(m.out_features, 4) * 0.1, scale=1.0)
+                   for name, m in model.named_modules() if name.endswith(("q_proj", "down_proj"))}
+        adapters.append(LoraAdapter(name=f"t{i}", path=Path("."), config={"r": 4, "lora_alpha": 4}, modules=modules))
+    samples = [[models.TokenSample(input_ids=list(range(i, i + 12))) for _ in range(3)] for i in range(2)]
+    params = {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4}
+    deltas, report = merge_loaded(model, adapters, samples, parameters=params)
+    assert report["calibration"]["walk"] == "blocks"
+    assert not any(d.A.requires_grad or d.B.requires_grad for d in deltas.values())
+    model.requires_grad_(False)
+    frozen, _ = merge_loaded(model, adapters, samples, parameters=params)
+    assert all(torch.equal(deltas[n].dense(), frozen[n].dense()) for n in deltas)

@@ -306,8 +306,8 @@ class Calibration:
                 overlapped.close()
         bar.close()
         if overlapped is not None:
-            # the solves ran under the captures: count as solve time only what the captures waited for
-            capture -= overlapped.waited
+            # the solves ran under the captures: count as solve time only what the captures waited for (the
+            # waits fall outside the capture windows above)
             self.solve_seconds += overlapped.waited
         self.capture_seconds += capture
         return result
@@ -372,6 +372,7 @@ class _OverlappedSolves:
             t.record_stream(self.side)
         return t
 
+    @torch.no_grad()  # grad mode is per thread
     def _run(self, solve, names, per_task) -> dict[str, Delta]:
         if not self.cuda:
             return solve(names, per_task)

@@ -256,6 +256,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     return result
 
 
+@torch.no_grad()  # a user's model may come with trainable parameters: no autograd graph for the captures
 def _run_method(spec, ctx: MergeContext, report: dict) -> dict:
     start = time.perf_counter()
     raw = spec.fn(ctx)

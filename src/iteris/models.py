@@ -486,6 +486,7 @@ class BlockCall:
     args: tuple  # positional arguments after the hidden state
     kwargs: dict
 
+    @torch.no_grad()
     def run(self, block: nn.Module, hidden: torch.Tensor):
         out = block(hidden, *self.args, **self.kwargs) if self.args is not None else block(**{**self.kwargs, "hidden_states": hidden})
         return out[0] if isinstance(out, (tuple, list)) else out
