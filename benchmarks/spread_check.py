@@ -36,7 +36,10 @@ def main():
     if torch.cuda.device_count() < 2:
         sys.exit("spread_check needs at least two GPUs")
     with tempfile.TemporaryDirectory() as tmp:
-        speed.build_model(args.size, "cpu").save_pretrained(tmp)
+        built = speed.build_model(args.size, "cuda:0")  # random init on the GPU: minutes faster at 8B
+        built.save_pretrained(tmp)
+        del built
+        torch.cuda.empty_cache()
         single = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to("cuda:0").eval()
         adapters = speed.make_adapters(single, 4)
         samples = speed.make_samples(4, args.samples, 512)

@@ -152,11 +152,12 @@ def token_rows(x: torch.Tensor, masks: dict[int, torch.Tensor], where: str, full
     if x.ndim == 3:
         mask = masks.get(x.shape[1])
         if mask is not None and mask.shape[0] == x.shape[0]:
-            return x.reshape(-1, x.shape[-1]) if x.shape[1] in full else x[mask]
+            # (a model spread over GPUs: the batch's masks sit on the first one)
+            return x.reshape(-1, x.shape[-1]) if x.shape[1] in full else x[mask.to(x.device)]
     elif x.ndim == 2:
         for length, mask in masks.items():
             if x.shape[0] == mask.numel():
-                return x if length in full else x[mask.reshape(-1)]
+                return x if length in full else x[mask.to(x.device).reshape(-1)]
         if any(x.shape[0] == mask.shape[0] for mask in masks.values()):
             return x
     raise IterisError(
