@@ -22,7 +22,7 @@ from .capture import DeltaInjector, GroupStats, LayerGroup, StatsCollector, find
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
 from .models import (
-    TokenSample, base_weight, batches, find_stack, first_block_call, input_device, make_batch, run_forward,
+    CallSample, TokenSample, base_weight, batches, find_stack, first_block_call, input_device, make_batch, run_forward,
 )
 
 Delta = LowRankDelta | DenseDelta
@@ -41,7 +41,7 @@ class Calibration:
         model,
         layers: dict,
         injector: DeltaInjector,
-        task_samples: list[list[TokenSample]],
+        task_samples: list[list[TokenSample]] | list[list[CallSample]],
         task_names: list[str],
         pad_id: int,
         batch_size: int,
@@ -76,7 +76,9 @@ class Calibration:
         self.overlap = len(self.gpus) <= 1 and (overlap == "on" or (overlap == "auto" and self.device.startswith("cuda")))
         self._remembered: list[list[dict]] | None = None  # [task][batch] -> group -> projected own rows
         # tokens of every task together (main stream): the size of a sample-space solve
-        self._total_tokens = sum(len(s.input_ids) for samples in task_samples for s in samples)
+        # (unknown for recorded calls, whose layers see different numbers of rows: decided while capturing)
+        self._total_tokens = (None if any(isinstance(s, CallSample) for t in task_samples for s in t)
+                              else sum(len(s.input_ids) for samples in task_samples for s in samples))
         probe = make_batch(task_samples[0][:1], pad_id, self.device)
         self.groups = find_groups(model, layers, probe)
         self.group_of = {m: g.name for g in self.groups for m in g.members}
@@ -191,7 +193,7 @@ class Calibration:
                     self.collector.own_pass(lambda: run_forward(self.model, batch), batch)
                 if options["paired"]:
                     with self.injector.use("merged", self.merged_overrides[i]):
-                        self.collector.merged_pass(lambda: run_forward(self.model, batch), batch)
+                        self.collector.merged_pass(lambda: run_forward(self.model, batch, merged=True), batch)
                 bar.update(1)
             per_task.append(self._finished())
         _sync(self.gpus)
@@ -231,7 +233,7 @@ class Calibration:
                     own.append([first_block_call(self.model, stack, b) for b in task])
             if paired:
                 with self.injector.use("merged", self.merged_overrides[i]):
-                    merged.append([first_block_call(self.model, stack, b) for b in task])
+                    merged.append([first_block_call(self.model, stack, b, merged=True) for b in task])
         for calls in own + merged:
             for call in calls:
                 call.hidden = self._store(call.hidden)

@@ -142,13 +142,18 @@ class LayerGroup:
     in_features: int
 
 
-def token_rows(x: torch.Tensor, masks: dict[int, torch.Tensor], where: str, full: frozenset[int] = frozenset()) -> torch.Tensor:
+def token_rows(
+    x: torch.Tensor, masks: dict[int, torch.Tensor], where: str, full: frozenset[int] = frozenset(), all_rows: bool = False
+) -> torch.Tensor:
     """The rows of a layer input that are real tokens, padding dropped.
 
     (batch, tokens, d): the mask whose length matches. (batch * tokens, d), as some layers receive a
     flattened batch: the flattened mask. (batch, d), a pooled input: every row. Anything else (tokens
     routed to experts, say) cannot be paired token by token between two models, so it is refused.
+    ``all_rows`` (recorded pipeline calls, nothing padded): every row of any (..., d) input.
     """
+    if all_rows and x.ndim >= 2:
+        return x.reshape(-1, x.shape[-1])
     if x.ndim == 3:
         mask = masks.get(x.shape[1])
         if mask is not None and mask.shape[0] == x.shape[0]:
@@ -197,7 +202,7 @@ def find_groups(model: nn.Module, layers: dict[str, nn.Module], probe: Batch) ->
     groups: list[LayerGroup] = []
     for name in layers:
         for x in seen[name]:
-            token_rows(x, probe.masks, name)  # refuse unpairable inputs now, before any long work
+            token_rows(x, probe.masks, name, all_rows=probe.all_rows)  # refuse unpairable inputs now
         key = tuple(id(x) for x in seen[name])
         group = by_inputs.get(key)
         if group is None:
@@ -306,6 +311,7 @@ class StatsCollector:
         self.stats_dtype = stats_dtype
         self._masks: dict[int, torch.Tensor] = {}
         self._full: frozenset[int] = frozenset()
+        self._all_rows = False
         self._mode: str | None = None
         self._active: set[str] = set()
         self._stop_at: str | None = None
@@ -340,7 +346,7 @@ class StatsCollector:
                 raise StopForward
             if group.name not in self._active:
                 return
-            rows = token_rows(args[0], self._masks, group.name, self._full)
+            rows = token_rows(args[0], self._masks, group.name, self._full, self._all_rows)
             if self._mode == "stash":
                 self._stash.setdefault(group.name, []).append(rows)
             elif self._mode == "single" or self._recall is not None:
@@ -365,8 +371,12 @@ class StatsCollector:
         def hook(module, args, output):
             if not self._out_norms or self._mode not in ("single", "stash") or group not in self._active:
                 return None
-            rows = token_rows(output, self._masks, name, self._full)
-            term = rows.to(torch.promote_types(rows.dtype, torch.float32)).square().sum(dtype=torch.float64)
+            rows = token_rows(output, self._masks, name, self._full, self._all_rows)
+            rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+            bias = getattr(module, "bias", None)
+            if bias is not None:  # the weight's share of the output: ||X W^T||, as the adaptive weight is defined
+                rows = rows - bias.to(rows.dtype)
+            term = rows.square().sum(dtype=torch.float64)
             acc = self._out_sq.get(name)
             self._out_sq[name] = term if acc is None else acc.add_(term)
             return None
@@ -506,7 +516,7 @@ class StatsCollector:
 
         ``remember`` (own-only runs): filled with each group's rows projected on the adapter's A, all a
         later paired run needs of this model when gamma = 0 and no cross term is wanted."""
-        self._masks, self._full = batch.masks, batch.full
+        self._masks, self._full, self._all_rows = batch.masks, batch.full, batch.all_rows
         self._remember = remember
         try:
             return self._run("stash" if self._paired else "single", forward)
@@ -516,7 +526,7 @@ class StatsCollector:
     def merged_pass(self, forward, batch: Batch, recall: dict[str, list[torch.Tensor]] | None = None):
         """The merged model on the batch the last ``own_pass`` ran on, or, given ``recall`` (what
         ``own_pass(remember=...)`` kept of this batch: the adapter's own rows projected on A), alone."""
-        self._masks, self._full = batch.masks, batch.full
+        self._masks, self._full, self._all_rows = batch.masks, batch.full, batch.all_rows
         self._recall, self._recall_pos = recall, {}
         try:
             return self._run("paired", forward)

@@ -29,6 +29,14 @@ class CalibrationConfig:
     offload_states: bool = False  # keep the block-boundary hidden states in CPU memory (GPU memory flat in samples)
     overlap: str = "auto"  # solve each block while the next is captured (global schedule); auto: on a GPU
     offload_stats: bool = False  # keep finished statistics in CPU memory; a layer group's return to the GPU for its solve
+    # diffusion pipelines: each adapter's prompts are sampled by the pipeline itself (its scheduler, its
+    # classifier-free guidance) and the denoiser's calls at the recorded steps are the calibration samples
+    steps: int = 20  # num_inference_steps of the sampling runs
+    timesteps: int | list[int] = 4  # how many of the steps are recorded (evenly spread), or their indices
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])  # one sampling run per prompt batch and seed
+    guidance_scale: float | None = None  # None: the pipeline's default
+    height: int | None = None  # image size of the sampling runs; None: the pipeline's default
+    width: int | None = None
 
     def validate(self) -> None:
         for name in ("samples", "max_length", "batch_size", "max_new_tokens"):
@@ -42,6 +50,19 @@ class CalibrationConfig:
         for name in ("offload_states", "offload_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise IterisError(f"calibration.{name} must be true or false, got {getattr(self, name)!r}")
+        _positive_int("calibration.steps", self.steps)
+        if isinstance(self.timesteps, list):
+            if not self.timesteps or not all(isinstance(t, int) and not isinstance(t, bool) for t in self.timesteps):
+                raise IterisError(f"calibration.timesteps must be a count or a list of step indices, got {self.timesteps!r}")
+        else:
+            _positive_int("calibration.timesteps", self.timesteps)
+        if not isinstance(self.seeds, list) or not self.seeds or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in self.seeds
+        ):
+            raise IterisError(f"calibration.seeds must be a non-empty list of integers, got {self.seeds!r}")
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                _positive_int(f"calibration.{name}", getattr(self, name))
 
     def resolved_stats_dtype(self, device: str) -> str:
         """auto: float64 on the CPU (exact, and the CPU has no faster path), float32 on a GPU."""
@@ -61,12 +82,14 @@ class AdapterSpec:
     weight: float = 1.0
     field: str | None = None  # overrides calibration.field for this adapter's data
     samples: int | None = None
+    trigger: str | None = None  # diffusion: put before every prompt that lacks it (a LoRA's trigger word)
 
 
 @dataclass
 class MergeConfig:
     base_model: str
     adapters: list[AdapterSpec]
+    model_type: str = "auto"  # auto (a diffusers pipeline directory is detected) | transformers | diffusion
     method: str = "iteris"
     parameters: dict = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -86,6 +109,8 @@ class MergeConfig:
             raise IterisError("'parameters' must be a mapping of the method's parameters")
         if self.rank is not None:
             _positive_int("rank", self.rank)
+        if self.model_type not in ("auto", "transformers", "diffusion"):
+            raise IterisError(f"model_type must be auto, transformers or diffusion, got {self.model_type!r}")
         if self.device_map not in DEVICE_MAPS:
             raise IterisError(f"device_map must be one of {[m for m in DEVICE_MAPS if m]} (or unset), got {self.device_map!r}")
         if self.device_map and self.device not in ("auto", "cuda"):

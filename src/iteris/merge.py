@@ -60,7 +60,7 @@ class MergeResult:
         return Path(out)
 
 
-def _peak_memory() -> dict:
+def peak_memory() -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak = {"cpu_max_rss_mb": rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024}
     if torch.cuda.is_available():
@@ -171,7 +171,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     return calib
 
 
-def merge(config, *, out: str | Path | None = None, force: bool = False, **overrides) -> MergeResult:
+def merge(config, *, out: str | Path | None = None, force: bool = False, **overrides):
     """Merge the adapters a config names. ``config``: path to YAML, dict or MergeConfig.
 
     Keyword overrides replace top-level config keys (method, parameters, device, dtype, rank, ...).
@@ -189,6 +189,12 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     cfg.validate()
     spec = get_method(cfg.method)
     params = spec.parse_params(cfg.parameters)
+    from .diffusion import is_pipeline_dir, merge_pipeline
+
+    if cfg.model_type == "diffusion" or (cfg.model_type == "auto" and is_pipeline_dir(cfg.base_model)):
+        if cfg.device_map:
+            raise IterisError("device_map spreads a transformers model over GPUs; unset it for a diffusers pipeline")
+        return merge_pipeline(cfg, spec, params, out=out, force=force)
     if out is not None:
         check_output_dir(out, force)
 
@@ -231,7 +237,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
             adapters=adapters, weights=weights, targets=targets, params=params, calibration=calib,
             progress=cfg.progress, device=resolve_device(cfg.device),
         )
-        raw = _run_method(spec, ctx, report)
+        raw = run_method(spec, ctx, report)
     finally:
         if calib is not None:
             calib.close()
@@ -247,7 +253,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
         "relative_error": errors,
         "modules_to_save": cfg.modules_to_save if any(heads.values()) else None,
     }
-    report["peak_memory"] = _peak_memory()
+    report["peak_memory"] = peak_memory()
     report["timings"]["total"] = time.perf_counter() - t0
     report["summary"] = summarize(report)
     result = MergeResult(deltas=deltas, report=report, config=cfg, adapters=adapters, heads=heads)
@@ -257,7 +263,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
 
 
 @torch.no_grad()  # a user's model may come with trainable parameters: no autograd graph for the captures
-def _run_method(spec, ctx: MergeContext, report: dict) -> dict:
+def run_method(spec, ctx: MergeContext, report: dict) -> dict:
     start = time.perf_counter()
     raw = spec.fn(ctx)
     report["timings"]["merge"] = time.perf_counter() - start
@@ -318,7 +324,7 @@ def merge_loaded(
             report["calibration"] = {"walk": "blocks" if calib.walks_blocks else "model", "stats_dtype": stats_dtype}
         ctx = MergeContext(adapters=adapters, weights=weights, targets=targets, params=params, calibration=calib,
                            progress=progress, device=device)
-        raw = _run_method(spec, ctx, report)
+        raw = run_method(spec, ctx, report)
     finally:
         if calib is not None:
             calib.close()

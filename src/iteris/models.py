@@ -203,6 +203,18 @@ class TokenSample:
 
 
 @dataclass
+class CallSample:
+    """One recorded call of a model as a pipeline made it (a denoiser at one step, a text encoder): its
+    positional and keyword arguments, every input row of every layer real (nothing is padding).
+    ``merged`` replaces keyword arguments in the merged model's call: its own conditioning, where an
+    earlier merged component (a text encoder) changes what this one receives."""
+
+    args: tuple
+    kwargs: dict
+    merged: dict | None = None
+
+
+@dataclass
 class Batch:
     inputs: dict[str, torch.Tensor]
     # Token-validity masks by sequence length: a layer's input rows are selected by the mask whose length
@@ -210,6 +222,11 @@ class Batch:
     masks: dict[int, torch.Tensor]
     # Sequence lengths at which no sample is padded: their rows are taken whole, with no GPU sync.
     full: frozenset[int] = frozenset()
+    # A recorded call (CallSample): positional arguments, the merged model's keyword replacements, and
+    # every row of every layer input counts.
+    args: tuple | None = None
+    merged: dict | None = None
+    all_rows: bool = False
 
 
 def _pad(seqs: list[list[int]], pad_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,8 +238,14 @@ def _pad(seqs: list[list[int]], pad_id: int, length: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def make_batch(samples: list[TokenSample], pad_id: int, device: str) -> Batch:
-    """Right-padded batch; padding never counts, so the statistics do not depend on how samples are grouped."""
+def make_batch(samples: list[TokenSample] | list[CallSample], pad_id: int, device: str) -> Batch:
+    """Right-padded batch; padding never counts, so the statistics do not depend on how samples are grouped.
+    Recorded calls run one at a time, as recorded (they already hold the pipeline's batch)."""
+    if isinstance(samples[0], CallSample):
+        if len(samples) != 1:
+            raise ValueError("recorded calls run one per batch")
+        call = samples[0]
+        return Batch(inputs=call.kwargs, masks={}, args=call.args, merged=call.merged, all_rows=True)
     enc_len = max(len(s.input_ids) for s in samples)
     ids, mask = _pad([s.input_ids for s in samples], pad_id, enc_len)
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
@@ -241,13 +264,20 @@ def make_batch(samples: list[TokenSample], pad_id: int, device: str) -> Batch:
     return Batch(inputs=inputs, masks=masks, full=frozenset(full))
 
 
-def batches(samples: list[TokenSample], batch_size: int, pad_id: int, device: str):
+def batches(samples: list[TokenSample] | list[CallSample], batch_size: int, pad_id: int, device: str):
+    if samples and isinstance(samples[0], CallSample):
+        batch_size = 1
     for start in range(0, len(samples), batch_size):
         yield make_batch(samples[start : start + batch_size], pad_id, device)
 
 
 @torch.no_grad()
-def run_forward(model: nn.Module, batch: Batch) -> None:
+def run_forward(model: nn.Module, batch: Batch, merged: bool = False) -> None:
+    """One forward pass on the batch; ``merged``: as the merged model receives it (a recorded call's
+    conditioning replaced)."""
+    if batch.args is not None:
+        model(*batch.args, **({**batch.inputs, **batch.merged} if merged and batch.merged else batch.inputs))
+        return
     model(**batch.inputs, use_cache=False) if _accepts_use_cache(model) else model(**batch.inputs)
 
 
@@ -581,7 +611,7 @@ def find_stack(model: nn.Module, layers: dict[str, nn.Module], probe: Batch) -> 
 
 
 @torch.no_grad()
-def first_block_call(model: nn.Module, stack: Stack, batch: Batch) -> BlockCall:
+def first_block_call(model: nn.Module, stack: Stack, batch: Batch, merged: bool = False) -> BlockCall:
     """What the first block receives for this batch (the model runs only up to it)."""
     seen = {}
 
@@ -591,7 +621,7 @@ def first_block_call(model: nn.Module, stack: Stack, batch: Batch) -> BlockCall:
 
     handle = stack.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        run_forward(model, batch)
+        run_forward(model, batch, merged)
     except StopForward:
         pass
     finally:

@@ -1,0 +1,90 @@
+"""Tiny diffusers pipelines and their LoRAs, built from configs in the test (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import fixtures as fx
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def build_pipeline(out: Path, dtype=torch.float32, seed: int = 0) -> Path:
+    """A Stable-Diffusion-shaped pipeline: 2-level UNet with cross-attention, tiny CLIP text encoder and VAE."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer", "gpt2")
+    tok.model_max_length = 12
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=16,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=12, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=12, projection_dim=12, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        unet=unet.to(dtype), vae=vae.to(dtype), text_encoder=text_encoder.to(dtype), tokenizer=tok, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    return out
+
+
+def lora_layers(pipe_dir: Path, seed: int, unet_targets=UNET_TARGETS, text_targets=TEXT_TARGETS, r: int = 2, alpha: int = 4):
+    """{component: PEFT state dict} of a random LoRA (nonzero B) made by PEFT on the pipeline's modules."""
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir, local_files_only=True)
+    torch.manual_seed(seed)
+    out = {}
+    for component, targets in (("unet", unet_targets), ("text_encoder", text_targets)):
+        if targets:
+            module = getattr(pipe, component)
+            inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False), module)
+            out[component] = {k: v * 3 if "lora_B" in k else v for k, v in get_peft_model_state_dict(module).items()}
+    return out
+
+
+def save_diffusers_lora(layers: dict, out: Path, r: int = 2, alpha: int = 4) -> Path:
+    """What diffusers' training scripts write: pytorch_lora_weights.safetensors with the LoRA config as metadata."""
+    from diffusers import StableDiffusionPipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    for component, state in layers.items():
+        kwargs[f"{component}_lora_layers"] = state
+        targets = sorted({k.split(".lora_")[0] for k in state})  # full module names, as PEFT also accepts
+        kwargs[f"{component}_lora_adapter_metadata"] = {"r": r, "lora_alpha": alpha, "target_modules": targets}
+    StableDiffusionPipeline.save_lora_weights(str(out), **kwargs)
+    return out
+
+
+def save_kohya_lora(layers: dict, out: Path, alpha: int = 4) -> Path:
+    """The kohya / A1111 layout: lora_unet_<path with underscores>.lora_down / lora_up / alpha."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for component, layer_state in layers.items():
+        prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
+        for key, value in layer_state.items():
+            module, _, rest = key.partition(".lora_")
+            name = prefix + module.replace(".", "_")
+            state[f"{name}.lora_down.weight" if rest.startswith("A") else f"{name}.lora_up.weight"] = value.contiguous()
+            state[f"{name}.alpha"] = torch.tensor(float(alpha))
+    save_file(state, str(out / "my_style_lora.safetensors"))
+    return out / "my_style_lora.safetensors"

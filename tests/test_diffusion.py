@@ -1,0 +1,284 @@
+"""Text-to-image pipelines: LoRA formats, calibration from the pipeline's own sampling, output that diffusers
+loads, and the denoiser's merge against an independent float64 computation."""
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+import iteris
+import pipeline_fixtures as pf
+from iteris.diffusion import _prompt_batches, read_lora, recorded_steps
+from iteris.errors import IterisError
+
+pytest.importorskip("diffusers")
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    return pf.build_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prompts")
+    cube = root / "cube.jsonl"
+    cube.write_text("\n".join(json.dumps({"prompt": t}) for t in ["a red cube", "a green cube on grass", "the cube"]))
+    dog = root / "dog.txt"
+    dog.write_text("a dog\na blue dog\na dog running\n")
+    return cube, dog
+
+
+def _pipeline(path, dtype=torch.float32):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _expected(layers, scale=2.0):
+    """{component: {module: scale * B @ A}} straight from the PEFT state dicts."""
+    out = {}
+    for component, state in layers.items():
+        out[component] = {}
+        for key, A in state.items():
+            if ".lora_A." in key:
+                module = key.split(".lora_A.")[0]
+                out[component][module] = scale * state[key.replace(".lora_A.", ".lora_B.")].double() @ A.double()
+    return out
+
+
+def test_diffusers_and_kohya_files_read_with_the_scales_diffusers_applies(tmp_path, pipe_dir):
+    layers = pf.lora_layers(pipe_dir, seed=1)
+    expected = _expected(layers)
+    diffusers_dir = pf.save_diffusers_lora(layers, tmp_path / "diffusers")
+    kohya_file = pf.save_kohya_lora(layers, tmp_path / "kohya")
+    pipe = _pipeline(pipe_dir)
+    for source in (diffusers_dir, kohya_file):
+        read = read_lora(pipe, "a", source)
+        assert set(read) == {"unet", "text_encoder"}
+        for component, adapter in read.items():
+            assert set(adapter.modules) == set(expected[component])
+            for name, lora in adapter.modules.items():
+                torch.testing.assert_close(lora.delta(), expected[component][name], rtol=1e-6, atol=1e-7)
+    # the pipeline is left as it was: plain layers, no adapter bookkeeping
+    from peft.tuners.lora import LoraLayer
+
+    assert not any(isinstance(m, LoraLayer) for c in ("unet", "text_encoder") for m in getattr(pipe, c).modules())
+    # and diffusers' own loading (what load_lora_weights does for the denoiser) applies the same update
+    fresh = _pipeline(pipe_dir)
+    state, alphas = fresh.lora_state_dict(str(kohya_file.parent), weight_name=kohya_file.name)
+    fresh.unet.load_lora_adapter(state, network_alphas=alphas, prefix="unet", adapter_name="k")
+    for name, delta in expected["unet"].items():
+        torch.testing.assert_close(fresh.unet.get_submodule(name).get_delta_weight("k").double(), delta, rtol=1e-6, atol=1e-7)
+
+
+def test_recorded_steps_and_prompt_batches(tmp_path, prompts):
+    assert recorded_steps(20, 4) == [0, 6, 13, 19]
+    assert recorded_steps(3, 5) == [0, 1, 2]
+    assert recorded_steps(10, [9, 0, 0]) == [0, 9]
+    with pytest.raises(IterisError, match="0..9"):
+        recorded_steps(10, [10])
+    cube, dog = prompts
+    cfg = iteris.load_config({"base_model": "x", "adapters": [
+        {"name": "cube", "path": "a", "data": str(cube), "trigger": "sks"}, {"name": "dog", "path": "b", "data": str(dog)},
+    ], "calibration": {"batch_size": 2}})
+    cube_batches, dog_batches = _prompt_batches(cfg)
+    assert [len(b) for b in cube_batches] == [2, 1] and [len(b) for b in dog_batches] == [2, 1]
+    assert all(p.startswith("sks ") for b in cube_batches for p in b)
+    assert sorted(p for b in dog_batches for p in b) == ["a blue dog", "a dog", "a dog running"]
+
+
+def _write_config(tmp_path, pipe_dir, adapters, **extra):
+    config = {
+        "base_model": str(pipe_dir), "adapters": adapters, "device": "cpu", "progress": False,
+        "calibration": {"steps": 4, "timesteps": 2, "seeds": [0, 1], "batch_size": 2, "guidance_scale": 5.0},
+        **extra,
+    }
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _unet_output(unet, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = unet.dtype
+    latents = torch.randn(2, 4, 8, 8, generator=gen).to(dtype)
+    context = torch.randn(2, 12, 12, generator=gen).to(dtype)
+    with torch.no_grad():
+        return unet(latents, torch.tensor(500), encoder_hidden_states=context).sample
+
+
+def test_merged_lora_loads_in_diffusers_and_reproduces_the_merged_denoiser(tmp_path, pipe_dir, prompts):
+    cube, dog = prompts
+    first = pf.save_diffusers_lora(pf.lora_layers(pipe_dir, seed=1), tmp_path / "cube")
+    second = pf.save_kohya_lora(pf.lora_layers(pipe_dir, seed=2, text_targets=()), tmp_path / "dog")
+    config = _write_config(tmp_path, pipe_dir, [
+        {"name": "cube", "path": str(first), "data": str(cube), "trigger": "sks"},
+        {"name": "dog", "path": str(second), "data": str(dog)},
+    ], parameters={"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4})
+    result = iteris.merge(config, out=tmp_path / "out")
+    assert set(result.deltas) == {"text_encoder", "unet"}
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["pipeline"] == "StableDiffusionPipeline" and report["output"]["exact"]
+    # 3 prompts in batches of 2, 2 seeds, 2 recorded steps: 8 denoiser calls per adapter (CFG pairs inside)
+    assert report["components"]["unet"]["calibration"]["calls"] == [8, 8]
+    assert report["components"]["text_encoder"]["calibration"]["calls"] == [8, 8]  # prompt + negative prompt
+    ranks = {name: d.rank for name, d in result.deltas["unet"].items()}
+    assert set(ranks.values()) == {4}  # exact: the sum of the two adapters' ranks
+
+    # the denoiser that diffusers loads from the file computes what the merged denoiser in memory computes
+    loaded = _pipeline(pipe_dir)
+    loaded.unet.load_lora_adapter(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors",
+                                  prefix="unet", adapter_name="merged")
+    merged = _pipeline(pipe_dir)
+    with torch.no_grad():
+        for name, d in result.deltas["unet"].items():
+            merged.unet.get_submodule(name).weight += (d.B @ d.A).to(torch.float32)
+    torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(merged.unet), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(_unet_output(loaded.unet), _unet_output(_pipeline(pipe_dir).unet), atol=1e-3)
+    # the text encoder's part is written as diffusers writes it, with the scale folded in (alpha = r)
+    with safe_open(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+        for name, d in result.deltas["text_encoder"].items():
+            A, B = f.get_tensor(f"text_encoder.{name}.lora_A.weight"), f.get_tensor(f"text_encoder.{name}.lora_B.weight")
+            torch.testing.assert_close(B @ A, (d.B @ d.A).float())
+    assert all(k.startswith(("unet.", "text_encoder.")) for k in keys)
+    assert metadata["text_encoder.lora_alpha"] == metadata["text_encoder.r"] == 2
+    assert metadata["unet.lora_alpha"] == metadata["unet.r"] == 4
+
+
+class _Recorder:
+    """The denoiser's calls at given steps of a pipeline run (independent of iteris' recorder)."""
+
+    def __init__(self, unet, steps):
+        self.calls, self.steps, self.count = [], steps, 0
+        self.handle = unet.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        if self.count in self.steps:
+            self.calls.append((args, kwargs))
+        self.count += 1
+
+
+def _features(unet, calls, names):
+    store = {n: [] for n in names}
+    hooks = [unet.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: store[n].append(a[0].reshape(-1, a[0].shape[-1]).to(F64))) for n in names]
+    with torch.no_grad():
+        for args, kwargs in calls:
+            unet(*args, **kwargs)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
+def test_denoiser_merge_equals_a_float64_reference(tmp_path, prompts):
+    pipe_dir = pf.build_pipeline(tmp_path / "pipe64", dtype=F64)
+    layers = [pf.lora_layers(pipe_dir, seed=s, text_targets=()) for s in (3, 4)]
+    paths = [pf.save_diffusers_lora(l, tmp_path / f"lora{i}") for i, l in enumerate(layers)]
+    alpha = 1e-3
+    config = _write_config(tmp_path, pipe_dir, [
+        {"name": "cube", "path": str(paths[0]), "data": str(prompts[0])},
+        {"name": "dog", "path": str(paths[1]), "data": str(prompts[1])},
+    ], parameters={"iterations": 1, "alpha1": alpha, "alpha2": alpha}, dtype="float64")
+    config_data = yaml.safe_load(config.read_text())
+    config_data["calibration"].update(steps=3, timesteps=2, seeds=[0])
+    config.write_text(yaml.safe_dump(config_data))
+    ours = iteris.merge(config).deltas["unet"]
+
+    # the reference: PEFT-free, weights written into copies, every feature kept, dense solves
+    cfg = iteris.load_config(config)
+    batches = _prompt_batches(cfg)  # the same prompts in the same batches (the latents are drawn per batch)
+    deltas = [{n: d for n, d in _expected(l)["unet"].items()} for l in layers]
+    names = sorted(deltas[0])
+    base = _pipeline(pipe_dir, F64)
+    own_calls, own = [], []
+    for i, dW in enumerate(deltas):
+        pipe = copy.deepcopy(base)
+        with torch.no_grad():
+            for n, d in dW.items():
+                pipe.unet.get_submodule(n).weight += d
+        recorder = _Recorder(pipe.unet, steps=(0, 2))
+        for prompts_batch in batches[i]:
+            recorder.count = 0
+            pipe(prompt=prompts_batch, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+                 generator=torch.Generator("cpu").manual_seed(0))
+        recorder.handle.remove()
+        own_calls.append(recorder.calls)
+        own.append(_features(pipe.unet, recorder.calls, names))
+    coef = {}
+    for n in names:
+        W0 = base.unet.get_submodule(n).weight.detach()
+        coef[n] = [float(((W0 + dW[n]) ** 2).sum() / ((X[n] @ (W0 + dW[n]).T) ** 2).sum()) for dW, X in zip(deltas, own)]
+
+    def solve(merged_features):
+        out = {}
+        for n in names:
+            d = own[0][n].shape[1]
+            P, Q = 0, torch.zeros(d, d, dtype=F64)
+            for i in range(2):
+                X, Xh = own[i][n], merged_features[i][n]
+                C, G = X.T @ Xh, Xh.T @ Xh
+                eye = torch.eye(d, dtype=F64)
+                P = P + coef[n][i] * deltas[i][n] @ (C + alpha * torch.linalg.norm(C) * eye)
+                Q = Q + coef[n][i] * (G + alpha * torch.linalg.norm(G) * eye)
+            out[n] = torch.linalg.solve(Q.T, P.T).T
+        return out
+
+    first = solve(own)
+    merged = copy.deepcopy(base.unet)
+    with torch.no_grad():
+        for n, d in first.items():
+            merged.get_submodule(n).weight += d
+    reference = solve([_features(merged, calls, names) for calls in own_calls])
+    num = sum(float(((ours[n].B.double() @ ours[n].A.double()) - reference[n]).pow(2).sum()) for n in names)
+    den = sum(float(reference[n].pow(2).sum()) for n in names)
+    assert (num / den) ** 0.5 < 1e-8
+
+
+def test_data_free_baselines_merge_a_pipeline(tmp_path, pipe_dir):
+    layers = [pf.lora_layers(pipe_dir, seed=s) for s in (5, 6)]
+    paths = [pf.save_diffusers_lora(layers[0], tmp_path / "a"), pf.save_kohya_lora(layers[1], tmp_path / "b")]
+    config = _write_config(tmp_path, pipe_dir, [
+        {"name": "a", "path": str(paths[0]), "weight": 0.7}, {"name": "b", "path": str(paths[1]), "weight": 0.3},
+    ], method="task_arithmetic")
+    result = iteris.merge(config, out=tmp_path / "out")
+    expected = [_expected(l) for l in layers]
+    for component in ("unet", "text_encoder"):
+        for name, d in result.deltas[component].items():
+            want = 0.7 * expected[0][component][name] + 0.3 * expected[1][component][name]
+            torch.testing.assert_close(d.B.double() @ d.A.double(), want, rtol=1e-5, atol=1e-7)
+    ties = iteris.merge(config, method="ties", out=tmp_path / "ties")
+    assert ties.report["output"]["file"] == "pytorch_lora_weights.safetensors"
+    assert (tmp_path / "ties" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_pipeline_errors_come_before_any_work(tmp_path, pipe_dir, prompts):
+    lora = pf.save_diffusers_lora(pf.lora_layers(pipe_dir, seed=1), tmp_path / "l")
+    config = _write_config(tmp_path, pipe_dir, [{"name": "a", "path": str(lora)}, {"name": "b", "path": str(lora)}])
+    with pytest.raises(IterisError, match="calibration prompts"):
+        iteris.merge(config)
+    with pytest.raises(IterisError, match="fuse_lora"):
+        iteris.merge(config, method="task_arithmetic", merge_into_base=True)
+    with pytest.raises(IterisError, match="no LoRA weights"):
+        iteris.merge(_write_config(tmp_path, pipe_dir, [{"name": "a", "path": str(tmp_path)}]), method="task_arithmetic")
+    # a LoRA whose layers this pipeline does not have
+    from safetensors.torch import save_file
+
+    (tmp_path / "other").mkdir()
+    save_file({"transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 8),
+               "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 2)},
+              str(tmp_path / "other" / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(IterisError, match="another kind of pipeline"):
+        iteris.merge(_write_config(tmp_path, pipe_dir, [{"name": "a", "path": str(tmp_path / "other")}]),
+                     method="task_arithmetic")
+    with pytest.raises(IterisError, match="timesteps"):
+        iteris.merge(config, calibration={"timesteps": [0, "x"]})
+    assert not (tmp_path / "out").exists()
