@@ -138,3 +138,55 @@ def reference_regmean(base_dir, family, adapter_dirs, task_samples, tokenizer, n
                 num = num + d @ G
         out[name] = num @ torch.linalg.inv(sum(grams))
     return out
+
+
+def dense_iteris(base, deltas, task_inputs, names, iterations, alpha1, alpha2, run, adaptive=True):
+    """IterIS written the plain way for any model: each adapter's model is a copy of ``base`` with W0 + dW in
+    its weights, ``run(model, inputs)`` runs one sample (so no row is padding), every layer input is kept.
+
+    deltas: per adapter {layer: dW (d_out x d_in)}; task_inputs: per adapter, a list of one-sample inputs."""
+    n = len(deltas)
+
+    def weights_added(delta):
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, d in delta.items():
+                m.get_submodule(name).weight += d.to(m.get_submodule(name).weight.dtype)
+        return m
+
+    def collect(model, inputs_list):
+        store = {name: [] for name in names}
+        hooks = [model.get_submodule(name).register_forward_pre_hook(
+            lambda m, a, name=name: store[name].append(a[0].reshape(-1, a[0].shape[-1]).to(F64))) for name in names]
+        with torch.no_grad():
+            for inputs in inputs_list:
+                run(model, inputs)
+        for h in hooks:
+            h.remove()
+        return {name: torch.cat(v) for name, v in store.items()}
+
+    own = [collect(weights_added(deltas[i]), task_inputs[i]) for i in range(n)]
+    full = [{name: deltas[i].get(name, torch.zeros_like(base.get_submodule(name).weight, dtype=F64)) for name in names}
+            for i in range(n)]
+    coef = {}
+    for name in names:
+        W0 = base.get_submodule(name).weight.detach().to(F64)
+        coef[name] = [float(((W0 + full[i][name]) ** 2).sum() / ((own[i][name] @ (W0 + full[i][name]).T) ** 2).sum())
+                      if adaptive else 1.0 for i in range(n)]
+    merged = own
+    result = None
+    for _ in range(iterations + 1):
+        result = {}
+        for name in names:
+            d = own[0][name].shape[1]
+            eye = torch.eye(d, dtype=F64)
+            P, Q = 0, torch.zeros(d, d, dtype=F64)
+            for i in range(n):
+                X, Xh = own[i][name], merged[i][name]
+                C, G = X.T @ Xh, Xh.T @ Xh
+                P = P + coef[name][i] * full[i][name] @ (C + alpha1 * torch.linalg.norm(C) * eye)
+                Q = Q + coef[name][i] * (G + alpha2 * torch.linalg.norm(G) * eye)
+            result[name] = torch.linalg.solve(Q.T, P.T).T
+        model = weights_added(result)
+        merged = [collect(model, task_inputs[i]) for i in range(n)]
+    return result

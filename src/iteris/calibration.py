@@ -77,8 +77,8 @@ class Calibration:
         self._remembered: list[list[dict]] | None = None  # [task][batch] -> group -> projected own rows
         # tokens of every task together (main stream): the size of a sample-space solve
         # (unknown for recorded calls, whose layers see different numbers of rows: decided while capturing)
-        self._total_tokens = (None if any(isinstance(s, CallSample) for t in task_samples for s in t)
-                              else sum(len(s.input_ids) for samples in task_samples for s in samples))
+        self._total_tokens = (sum(len(s.input_ids) for samples in task_samples for s in samples)
+                              if all(isinstance(s, TokenSample) for t in task_samples for s in t) else None)
         probe = make_batch(task_samples[0][:1], pad_id, self.device)
         self.groups = find_groups(model, layers, probe)
         self.group_of = {m: g.name for g in self.groups for m in g.members}

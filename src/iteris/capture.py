@@ -143,17 +143,16 @@ class LayerGroup:
 
 
 def token_rows(
-    x: torch.Tensor, masks: dict[int, torch.Tensor], where: str, full: frozenset[int] = frozenset(), all_rows: bool = False
+    x: torch.Tensor, masks: dict[int, torch.Tensor], where: str, full: frozenset[int] = frozenset(),
+    unmasked_rows: bool = False,
 ) -> torch.Tensor:
     """The rows of a layer input that are real tokens, padding dropped.
 
     (batch, tokens, d): the mask whose length matches. (batch * tokens, d), as some layers receive a
     flattened batch: the flattened mask. (batch, d), a pooled input: every row. Anything else (tokens
     routed to experts, say) cannot be paired token by token between two models, so it is refused.
-    ``all_rows`` (recorded pipeline calls, nothing padded): every row of any (..., d) input.
+    ``unmasked_rows`` (image patches, recorded pipeline calls): an input no mask fits is all real rows.
     """
-    if all_rows and x.ndim >= 2:
-        return x.reshape(-1, x.shape[-1])
     if x.ndim == 3:
         mask = masks.get(x.shape[1])
         if mask is not None and mask.shape[0] == x.shape[0]:
@@ -165,6 +164,8 @@ def token_rows(
                 return x if length in full else x[mask.to(x.device).reshape(-1)]
         if any(x.shape[0] == mask.shape[0] for mask in masks.values()):
             return x
+    if unmasked_rows and x.ndim >= 2:
+        return x.reshape(-1, x.shape[-1])
     raise IterisError(
         f"layer '{where}' receives an input of shape {tuple(x.shape)}, which is neither (batch, tokens, features) "
         "nor a flattened or pooled batch; its tokens cannot be told apart from padding or paired between "
@@ -202,7 +203,7 @@ def find_groups(model: nn.Module, layers: dict[str, nn.Module], probe: Batch) ->
     groups: list[LayerGroup] = []
     for name in layers:
         for x in seen[name]:
-            token_rows(x, probe.masks, name, all_rows=probe.all_rows)  # refuse unpairable inputs now
+            token_rows(x, probe.masks, name, unmasked_rows=probe.unmasked_rows)  # refuse unpairable inputs now
         key = tuple(id(x) for x in seen[name])
         group = by_inputs.get(key)
         if group is None:
@@ -311,7 +312,7 @@ class StatsCollector:
         self.stats_dtype = stats_dtype
         self._masks: dict[int, torch.Tensor] = {}
         self._full: frozenset[int] = frozenset()
-        self._all_rows = False
+        self._unmasked_rows = False
         self._mode: str | None = None
         self._active: set[str] = set()
         self._stop_at: str | None = None
@@ -346,7 +347,7 @@ class StatsCollector:
                 raise StopForward
             if group.name not in self._active:
                 return
-            rows = token_rows(args[0], self._masks, group.name, self._full, self._all_rows)
+            rows = token_rows(args[0], self._masks, group.name, self._full, self._unmasked_rows)
             if self._mode == "stash":
                 self._stash.setdefault(group.name, []).append(rows)
             elif self._mode == "single" or self._recall is not None:
@@ -371,7 +372,7 @@ class StatsCollector:
         def hook(module, args, output):
             if not self._out_norms or self._mode not in ("single", "stash") or group not in self._active:
                 return None
-            rows = token_rows(output, self._masks, name, self._full, self._all_rows)
+            rows = token_rows(output, self._masks, name, self._full, self._unmasked_rows)
             rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
             bias = getattr(module, "bias", None)
             if bias is not None:  # the weight's share of the output: ||X W^T||, as the adaptive weight is defined
@@ -516,7 +517,7 @@ class StatsCollector:
 
         ``remember`` (own-only runs): filled with each group's rows projected on the adapter's A, all a
         later paired run needs of this model when gamma = 0 and no cross term is wanted."""
-        self._masks, self._full, self._all_rows = batch.masks, batch.full, batch.all_rows
+        self._masks, self._full, self._unmasked_rows = batch.masks, batch.full, batch.unmasked_rows
         self._remember = remember
         try:
             return self._run("stash" if self._paired else "single", forward)
@@ -526,7 +527,7 @@ class StatsCollector:
     def merged_pass(self, forward, batch: Batch, recall: dict[str, list[torch.Tensor]] | None = None):
         """The merged model on the batch the last ``own_pass`` ran on, or, given ``recall`` (what
         ``own_pass(remember=...)`` kept of this batch: the adapter's own rows projected on A), alone."""
-        self._masks, self._full, self._all_rows = batch.masks, batch.full, batch.all_rows
+        self._masks, self._full, self._unmasked_rows = batch.masks, batch.full, batch.unmasked_rows
         self._recall, self._recall_pos = recall, {}
         try:
             return self._run("paired", forward)

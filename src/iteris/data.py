@@ -17,6 +17,7 @@ class TextSample:
     text: str  # what the model (or its encoder) reads; the prompt of a prompt/response pair
     target: str | None = None  # encoder-decoder: what the decoder reads, if given
     joined: str | None = None  # a pair as one text (prompt + separator + response), for decoder-only models
+    image: str | None = None  # models that read images: the image's path (the text is then optional)
 
 
 def load_records(path: str | Path) -> list[dict]:
@@ -76,13 +77,17 @@ def _load_saved_dataset(p: Path) -> list[dict]:
 
 
 def select_samples(
-    records: list[dict], spec: CalibrationConfig, source: str, field: str | None = None, samples: int | None = None
+    records: list[dict], spec: CalibrationConfig, source: str, field: str | None = None, samples: int | None = None,
+    image_field: str | None = None,
 ) -> list[TextSample]:
-    """Draw the calibration samples (seeded) and pick the configured fields."""
+    """Draw the calibration samples (seeded) and pick the configured fields; with ``image_field`` (models
+    that read images) each record needs an image and its text is optional."""
     if not records:
         raise IterisError(f"calibration data '{source}' holds no samples")
     columns = sorted(records[0])
     text_field = field or spec.field
+    if image_field is not None:
+        return _image_samples(records, spec, source, text_field, image_field, samples or spec.samples, columns)
     use_pair = spec.prompt_field is not None or spec.response_field is not None
     if use_pair and not (spec.prompt_field and spec.response_field):
         raise IterisError("calibration: set both prompt_field and response_field, or neither")
@@ -117,6 +122,28 @@ def select_samples(
     if not out:
         what = f"'{spec.prompt_field}'" if use_pair else f"'{text_field}'"
         raise IterisError(f"calibration data '{source}' has no non-empty {what} values")
+    return out
+
+
+def _image_samples(records, spec, source, text_field, image_field, count, columns) -> list[TextSample]:
+    if image_field not in records[0]:
+        raise IterisError(
+            f"calibration data '{source}' has no '{image_field}' field (this model reads images: give records like "
+            f'{{"{image_field}": "path.jpg", "{text_field}": "..."}}, paths relative to the file); its fields are {columns}'
+        )
+    order = list(range(len(records)))
+    random.Random(spec.seed).shuffle(order)
+    out = []
+    for index in order:
+        rec = records[index]
+        if not _usable(rec.get(image_field)):
+            continue
+        text = rec.get(text_field)
+        out.append(TextSample(text=str(text) if _usable(text) else None, image=str(rec[image_field])))
+        if len(out) == count:
+            break
+    if not out:
+        raise IterisError(f"calibration data '{source}' has no non-empty '{image_field}' values")
     return out
 
 

@@ -104,20 +104,32 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     from .calibration import Calibration
     from .capture import DeltaInjector
 
+    from . import vision
+
     missing = [s.name for s in cfg.adapters if not s.data]
     if missing:
         raise IterisError(f"this method needs calibration samples: set `data:` for adapter(s) {missing}")
+    images = vision.reads_images(cfg.base_model)
+    if images and cfg.calibration.generate:
+        raise IterisError("calibration.generate writes text continuations; this model reads images: give the texts "
+                          "(captions, prompts) in the data, or leave them out")
     texts = []
     for spec in cfg.adapters:
         records = load_records(spec.data)
-        texts.append(select_samples(records, cfg.calibration, spec.data, field=spec.field, samples=spec.samples))
+        texts.append(select_samples(records, cfg.calibration, spec.data, field=spec.field, samples=spec.samples,
+                                    image_field=vision.IMAGE_FIELD if images else None))
 
     device = models.resolve_device(cfg.device)
     if cfg.device_map and not device.startswith("cuda"):
         raise IterisError("device_map spreads the model over GPUs, and no CUDA GPU is visible; unset device_map")
     dtype = models.resolve_dtype(cfg.dtype, device)
     all_extras = {k: v for a in adapters for k, v in a.extra_tensors.items()}
-    tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model)
+    if images:
+        processor = vision.load_processor(cfg.tokenizer or cfg.base_model)
+        tokenizer, pad_id = getattr(processor, "tokenizer", None), vision.pad_id(processor)
+    else:
+        tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model)
+        pad_id = tokenizer.pad_token_id
     model = models.load_base_model(cfg.base_model, adapters[0].task_type, all_extras, dtype, device, tokenizer,
                                    device_map=cfg.device_map)
     if cfg.device_map:
@@ -128,8 +140,11 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     if cfg.calibration.generate and kind == "encoder":
         raise IterisError("calibration.generate needs a model that generates text; this one is an encoder")
 
-    samples = [models.tokenize_samples(tokenizer, t, model, cfg.calibration.max_length, cfg.calibration.generate)
-               for t in texts]
+    if images:
+        samples = [vision.image_samples(processor, t, spec.data) for t, spec in zip(texts, cfg.adapters)]
+    else:
+        samples = [models.tokenize_samples(tokenizer, t, model, cfg.calibration.max_length, cfg.calibration.generate)
+                   for t in texts]
     for spec, s in zip(cfg.adapters, samples):
         if not s:
             raise IterisError(f"adapter '{spec.name}': no calibration sample survived tokenisation")
@@ -138,13 +153,15 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     try:
         for i, adapter in enumerate(adapters):
             injector.set_variant(f"own:{i}", adapter.modules)
+            if images:
+                continue
             with injector.use(f"own:{i}", own[i]):  # what each adapter's own model writes, where it must
                 samples[i] = models.complete_samples(
                     model, tokenizer, samples[i], cfg.calibration.generate, cfg.calibration.max_new_tokens,
                     cfg.calibration.batch_size, device,
                 )
         calib = Calibration(
-            model, layers, injector, samples, [s.name for s in cfg.adapters], tokenizer.pad_token_id,
+            model, layers, injector, samples, [s.name for s in cfg.adapters], pad_id,
             cfg.calibration.batch_size, getattr(torch, stats_dtype), cfg.progress, own, merged,
             walk=cfg.calibration.walk, offload_states=cfg.calibration.offload_states, overlap=cfg.calibration.overlap,
             offload_stats=cfg.calibration.offload_stats,
@@ -157,7 +174,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
         **({"devices": sorted({str(p.device) for p in model.parameters()})} if cfg.device_map else {}),
         "dtype": str(dtype).replace("torch.", ""),
         "stats_dtype": stats_dtype,
-        "model_kind": kind,
+        "model_kind": "images" if images else kind,
         "walk": "blocks" if calib.walks_blocks else "model",
         "layer_groups": len(calib.groups),
         "layers": len(layers),
@@ -165,7 +182,11 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     }
     for entry, spec, s in zip(report["adapters"], cfg.adapters, samples):
         entry["samples"] = len(s)
-        entry["tokens"] = sum(len(x.input_ids) + len(x.decoder_ids or []) for x in s)
+        if images:
+            entry["images"] = len(s)
+            entry["tokens"] = sum(len(x.input_ids or []) for x in s)
+        else:
+            entry["tokens"] = sum(len(x.input_ids) + len(x.decoder_ids or []) for x in s)
         if len(s) < (spec.samples or cfg.calibration.samples):
             entry["note"] = f"only {len(s)} usable samples in {spec.data}"
     return calib

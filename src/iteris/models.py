@@ -74,12 +74,16 @@ def _auto_class(path: str, task_type: str | None, extra_tensors: dict):
         config = transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise IterisError(f"cannot load base model config from '{path}': {exc}") from None
-    auto_name = _AUTO_CLASSES.get(task_type or "")
+    from .vision import auto_class_name, is_vision_config
+
+    # models that read images are loaded in their own class whatever task_type their adapters were given
+    auto_name = auto_class_name(config) if is_vision_config(config) else _AUTO_CLASSES.get(task_type or "")
     if auto_name is None:
         auto_name = "AutoModelForSeq2SeqLM" if getattr(config, "is_encoder_decoder", False) else "AutoModelForCausalLM"
     kwargs = {}
     num_labels = _num_labels(extra_tensors)
-    if auto_name in ("AutoModelForSequenceClassification", "AutoModelForTokenClassification") and num_labels:
+    heads = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModelForImageClassification")
+    if auto_name in heads and num_labels:
         kwargs["num_labels"] = num_labels
     return getattr(transformers, auto_name), config, kwargs
 
@@ -222,11 +226,11 @@ class Batch:
     masks: dict[int, torch.Tensor]
     # Sequence lengths at which no sample is padded: their rows are taken whole, with no GPU sync.
     full: frozenset[int] = frozenset()
-    # A recorded call (CallSample): positional arguments, the merged model's keyword replacements, and
-    # every row of every layer input counts.
+    # A recorded call (CallSample): positional arguments and the merged model's keyword replacements.
     args: tuple | None = None
     merged: dict | None = None
-    all_rows: bool = False
+    # Rows of inputs whose length matches no mask are all real (image patches, a pipeline's latents).
+    unmasked_rows: bool = False
 
 
 def _pad(seqs: list[list[int]], pad_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +249,11 @@ def make_batch(samples: list[TokenSample] | list[CallSample], pad_id: int, devic
         if len(samples) != 1:
             raise ValueError("recorded calls run one per batch")
         call = samples[0]
-        return Batch(inputs=call.kwargs, masks={}, args=call.args, merged=call.merged, all_rows=True)
+        return Batch(inputs=call.kwargs, masks={}, args=call.args, merged=call.merged, unmasked_rows=True)
+    from .vision import ImageSample, make_image_batch
+
+    if isinstance(samples[0], ImageSample):
+        return make_image_batch(samples, pad_id, device)
     enc_len = max(len(s.input_ids) for s in samples)
     ids, mask = _pad([s.input_ids for s in samples], pad_id, enc_len)
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
@@ -281,8 +289,15 @@ def run_forward(model: nn.Module, batch: Batch, merged: bool = False) -> None:
     model(**batch.inputs, use_cache=False) if _accepts_use_cache(model) else model(**batch.inputs)
 
 
+_USE_CACHE: dict[type, bool] = {}
+
+
 def _accepts_use_cache(model: nn.Module) -> bool:
-    return model_kind(model) in ("causal", "seq2seq")
+    """Whether the forward takes use_cache (no key/value cache is wanted: each pass runs once)."""
+    known = _USE_CACHE.get(type(model))
+    if known is None:
+        known = _USE_CACHE[type(model)] = model_kind(model) in ("causal", "seq2seq") or "use_cache" in _forward_arguments(model)
+    return known
 
 
 @torch.no_grad()

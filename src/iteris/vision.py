@@ -1,0 +1,121 @@
+"""Models that read images (transformers): image-text models (BLIP captioning, LLaVA-style image-text-to-
+text, any model with a ``vision_config``) and image classifiers (ViT and the like).
+
+Calibration samples are images, or image + text pairs, listed as records with an ``image`` path (relative
+to the data file) and an optional text, and read with the model's own processor. Text rows are selected by
+their attention mask as for language models; image rows (patches) are all real.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import IterisError
+
+IMAGE_FIELD = "image"
+
+
+def reads_images(path: str) -> bool:
+    """Whether the base model at ``path`` reads images (from its config alone)."""
+    from transformers import AutoConfig
+
+    try:
+        return is_vision_config(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError):
+        return False  # the text path reports what is wrong with it
+
+
+def is_vision_config(config) -> bool:
+    return hasattr(config, "vision_config") or _architecture(config).endswith("ForImageClassification")
+
+
+def _architecture(config) -> str:
+    return (getattr(config, "architectures", None) or [""])[0] or ""
+
+
+def auto_class_name(config) -> str:
+    if _architecture(config).endswith("ForImageClassification") or not hasattr(config, "vision_config"):
+        return "AutoModelForImageClassification"
+    return "AutoModelForImageTextToText"
+
+
+def load_processor(path: str):
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        pass
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise IterisError(f"cannot load an image processor from '{path}': {exc}; set `tokenizer:` to the "
+                          "directory holding the model's processor") from None
+
+
+def pad_id(processor) -> int:
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        return 0
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+@dataclass
+class ImageSample:
+    """One image (and its text) as the processor prepares it, batch dimension 1."""
+
+    pixel_values: torch.Tensor
+    input_ids: list[int] | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other per-image tensors (image sizes, ...)
+
+
+def image_samples(processor, samples, source: str) -> list[ImageSample]:
+    """The processor's inputs for each (image, text) sample; image paths are relative to the data file."""
+    from PIL import Image
+
+    root = Path(source).parent if Path(source).is_file() else Path(source)
+    tokenizer = getattr(processor, "tokenizer", None)
+    image_token = getattr(processor, "image_token", None)
+    out = []
+    for sample in samples:
+        path = Path(sample.image)
+        path = path if path.is_absolute() else root / path
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except OSError as exc:
+            raise IterisError(f"calibration data '{source}': cannot read image '{path}': {exc}") from None
+        text = sample.text
+        if tokenizer is None:
+            inputs = processor(images=[image], return_tensors="pt")
+        else:
+            if image_token and (text is None or image_token not in text):
+                text = image_token if not text else f"{image_token}\n{text}"  # where the image's tokens go
+            inputs = processor(images=[image], text=[text] if text is not None else None, return_tensors="pt")
+        ids = inputs.get("input_ids")
+        extra = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask")
+                 and isinstance(v, torch.Tensor)}
+        out.append(ImageSample(pixel_values=inputs["pixel_values"], input_ids=ids[0].tolist() if ids is not None else None,
+                               extra=extra))
+    return out
+
+
+def make_image_batch(samples: list[ImageSample], pad: int, device: str):
+    """Images stacked, texts right-padded; rows of inputs that no text mask covers (patches) are all real."""
+    from .models import Batch, _pad
+
+    inputs = {"pixel_values": torch.cat([s.pixel_values for s in samples]).to(device)}
+    for key in samples[0].extra:
+        inputs[key] = torch.cat([s.extra[key] for s in samples]).to(device)
+    masks, full = {}, set()
+    if samples[0].input_ids is not None:
+        length = max(len(s.input_ids) for s in samples)
+        ids, mask = _pad([s.input_ids for s in samples], pad, length)
+        inputs["input_ids"], inputs["attention_mask"] = ids.to(device), mask.to(device)
+        masks[length] = mask.bool().to(device)
+        if bool(mask.all()):
+            full.add(length)
+    return Batch(inputs=inputs, masks=masks, full=frozenset(full), unmasked_rows=True)
