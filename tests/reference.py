@@ -140,11 +140,12 @@ def reference_regmean(base_dir, family, adapter_dirs, task_samples, tokenizer, n
     return out
 
 
-def dense_iteris(base, deltas, task_inputs, names, iterations, alpha1, alpha2, run, adaptive=True):
+def dense_iteris(base, deltas, task_inputs, names, iterations, alpha1, alpha2, run, adaptive=True, merged_inputs=None):
     """IterIS written the plain way for any model: each adapter's model is a copy of ``base`` with W0 + dW in
     its weights, ``run(model, inputs)`` runs one sample (so no row is padding), every layer input is kept.
 
-    deltas: per adapter {layer: dW (d_out x d_in)}; task_inputs: per adapter, a list of one-sample inputs."""
+    deltas: per adapter {layer: dW (d_out x d_in)}; task_inputs: per adapter, a list of one-sample inputs;
+    merged_inputs: what the merged model runs instead (same rows), where it receives other inputs."""
     n = len(deltas)
 
     def weights_added(delta):
@@ -188,5 +189,5 @@ def dense_iteris(base, deltas, task_inputs, names, iterations, alpha1, alpha2, r
                 Q = Q + coef[name][i] * (G + alpha2 * torch.linalg.norm(G) * eye)
             result[name] = torch.linalg.solve(Q.T, P.T).T
         model = weights_added(result)
-        merged = [collect(model, task_inputs[i]) for i in range(n)]
+        merged = [collect(model, (merged_inputs or task_inputs)[i]) for i in range(n)]
     return result

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 import iteris
 import pipeline_fixtures as pf
+import reference
 from iteris.diffusion import _prompt_batches, read_lora, recorded_steps
 from iteris.errors import IterisError
 
@@ -155,33 +156,29 @@ def test_merged_lora_loads_in_diffusers_and_reproduces_the_merged_denoiser(tmp_p
 
 
 class _Recorder:
-    """The denoiser's calls at given steps of a pipeline run (independent of iteris' recorder)."""
+    """A component's calls during pipeline runs; for the denoiser only those at the given steps (independent
+    of iteris' recorder)."""
 
-    def __init__(self, unet, steps):
+    def __init__(self, module, steps=None):
         self.calls, self.steps, self.count = [], steps, 0
-        self.handle = unet.register_forward_pre_hook(self.hook, with_kwargs=True)
+        self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
-        if self.count in self.steps:
-            self.calls.append((args, kwargs))
+        if self.steps is None or self.count in self.steps:
+            self.calls.append((args, dict(kwargs)))
         self.count += 1
 
 
-def _features(unet, calls, names):
-    store = {n: [] for n in names}
-    hooks = [unet.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: store[n].append(a[0].reshape(-1, a[0].shape[-1]).to(F64))) for n in names]
-    with torch.no_grad():
-        for args, kwargs in calls:
-            unet(*args, **kwargs)
-    for h in hooks:
-        h.remove()
-    return {n: torch.cat(v) for n, v in store.items()}
+def _run_call(model, call):
+    args, kwargs = call
+    return model(*args, **kwargs)
 
 
-def test_denoiser_merge_equals_a_float64_reference(tmp_path, prompts):
+def test_pipeline_merge_equals_a_float64_reference(tmp_path, prompts):
+    """Text encoder and denoiser both carry LoRAs: the text encoder's merge, and the denoiser's, whose merged
+    model receives the merged text encoder's conditioning, against dense float64 solves on kept features."""
     pipe_dir = pf.build_pipeline(tmp_path / "pipe64", dtype=F64)
-    layers = [pf.lora_layers(pipe_dir, seed=s, text_targets=()) for s in (3, 4)]
+    layers = [pf.lora_layers(pipe_dir, seed=s, text_targets=("q_proj", "v_proj", "fc1")) for s in (3, 4)]
     paths = [pf.save_diffusers_lora(l, tmp_path / f"lora{i}") for i, l in enumerate(layers)]
     alpha = 1e-3
     config = _write_config(tmp_path, pipe_dir, [
@@ -191,56 +188,61 @@ def test_denoiser_merge_equals_a_float64_reference(tmp_path, prompts):
     config_data = yaml.safe_load(config.read_text())
     config_data["calibration"].update(steps=3, timesteps=2, seeds=[0])
     config.write_text(yaml.safe_dump(config_data))
-    ours = iteris.merge(config).deltas["unet"]
+    ours = iteris.merge(config).deltas
 
-    # the reference: PEFT-free, weights written into copies, every feature kept, dense solves
-    cfg = iteris.load_config(config)
-    batches = _prompt_batches(cfg)  # the same prompts in the same batches (the latents are drawn per batch)
-    deltas = [{n: d for n, d in _expected(l)["unet"].items()} for l in layers]
-    names = sorted(deltas[0])
+    # the reference: weights written into copies, every feature kept, dense solves
+    batches = _prompt_batches(iteris.load_config(config))  # the same prompts in the same batches
+    expected = [_expected(l) for l in layers]
     base = _pipeline(pipe_dir, F64)
-    own_calls, own = [], []
-    for i, dW in enumerate(deltas):
+    run_kwargs = dict(num_inference_steps=3, guidance_scale=5.0, output_type="latent")
+    text_calls, unet_calls = [], []
+    for i, dW in enumerate(expected):
         pipe = copy.deepcopy(base)
         with torch.no_grad():
-            for n, d in dW.items():
-                pipe.unet.get_submodule(n).weight += d
-        recorder = _Recorder(pipe.unet, steps=(0, 2))
+            for component, deltas in dW.items():
+                for n, d in deltas.items():
+                    getattr(pipe, component).get_submodule(n).weight += d
+        text, unet = _Recorder(pipe.text_encoder), _Recorder(pipe.unet, steps=(0, 2))
         for prompts_batch in batches[i]:
-            recorder.count = 0
-            pipe(prompt=prompts_batch, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
-                 generator=torch.Generator("cpu").manual_seed(0))
-        recorder.handle.remove()
-        own_calls.append(recorder.calls)
-        own.append(_features(pipe.unet, recorder.calls, names))
-    coef = {}
-    for n in names:
-        W0 = base.unet.get_submodule(n).weight.detach()
-        coef[n] = [float(((W0 + dW[n]) ** 2).sum() / ((X[n] @ (W0 + dW[n]).T) ** 2).sum()) for dW, X in zip(deltas, own)]
+            unet.count = 0
+            pipe(prompt=prompts_batch, generator=torch.Generator("cpu").manual_seed(0), **run_kwargs)
+        text.handle.remove()
+        unet.handle.remove()
+        text_calls.append(text.calls)
+        unet_calls.append(unet.calls)
 
-    def solve(merged_features):
-        out = {}
-        for n in names:
-            d = own[0][n].shape[1]
-            P, Q = 0, torch.zeros(d, d, dtype=F64)
-            for i in range(2):
-                X, Xh = own[i][n], merged_features[i][n]
-                C, G = X.T @ Xh, Xh.T @ Xh
-                eye = torch.eye(d, dtype=F64)
-                P = P + coef[n][i] * deltas[i][n] @ (C + alpha * torch.linalg.norm(C) * eye)
-                Q = Q + coef[n][i] * (G + alpha * torch.linalg.norm(G) * eye)
-            out[n] = torch.linalg.solve(Q.T, P.T).T
-        return out
-
-    first = solve(own)
-    merged = copy.deepcopy(base.unet)
+    text_names = sorted(expected[0]["text_encoder"])
+    text_ref = reference.dense_iteris(base.text_encoder, [e["text_encoder"] for e in expected], text_calls, text_names,
+                                      1, alpha, alpha, run=_run_call)
+    # what the denoiser of the merged pipeline receives: the merged text encoder's conditioning
+    merged_pipe = copy.deepcopy(base)
     with torch.no_grad():
-        for n, d in first.items():
-            merged.get_submodule(n).weight += d
-    reference = solve([_features(merged, calls, names) for calls in own_calls])
-    num = sum(float(((ours[n].B.double() @ ours[n].A.double()) - reference[n]).pow(2).sum()) for n in names)
-    den = sum(float(reference[n].pow(2).sum()) for n in names)
-    assert (num / den) ** 0.5 < 1e-8
+        for n, d in text_ref.items():
+            merged_pipe.text_encoder.get_submodule(n).weight += d
+    conditioning = []
+    for task_batches in batches:
+        cond = []
+        for prompts_batch in task_batches:
+            recorder = _Recorder(merged_pipe.unet, steps=(0,))
+            merged_pipe(prompt=prompts_batch, generator=torch.Generator("cpu").manual_seed(0), **run_kwargs)
+            recorder.handle.remove()
+            cond.append(recorder.calls[0][1]["encoder_hidden_states"])
+        conditioning.append(cond)
+    merged_calls = [[(args, {**kwargs, "encoder_hidden_states": conditioning[i][k // 2]})
+                     for k, (args, kwargs) in enumerate(calls)] for i, calls in enumerate(unet_calls)]  # 2 steps a batch
+    unet_names = sorted(expected[0]["unet"])
+    unet_ref = reference.dense_iteris(base.unet, [e["unet"] for e in expected], unet_calls, unet_names, 1, alpha, alpha,
+                                      run=_run_call, merged_inputs=merged_calls)
+    for component, ref in (("text_encoder", text_ref), ("unet", unet_ref)):
+        num = sum(float((ours[component][n].B.double() @ ours[component][n].A.double() - ref[n]).pow(2).sum()) for n in ref)
+        den = sum(float(ref[n].pow(2).sum()) for n in ref)
+        assert (num / den) ** 0.5 < 1e-8, component
+    # the coupling matters: with the adapters' own conditioning the denoiser's answer differs
+    unaware = reference.dense_iteris(base.unet, [e["unet"] for e in expected], unet_calls, unet_names, 1, alpha, alpha,
+                                     run=_run_call)
+    gap = sum(float((unaware[n] - unet_ref[n]).pow(2).sum()) for n in unet_names) / sum(
+        float(unet_ref[n].pow(2).sum()) for n in unet_names)
+    assert gap ** 0.5 > 1e-6
 
 
 def test_data_free_baselines_merge_a_pipeline(tmp_path, pipe_dir):

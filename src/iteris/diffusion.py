@@ -135,10 +135,9 @@ def _take_lora_layers(module: nn.Module, tag: str, where: str) -> dict[str, Lora
                 f"{where}: '{name}' is a LoRA on a {type(base).__name__}; only LoRAs on linear layers can be "
                 "merged (kohya LoCon-style convolution LoRAs are not supported)"
             )
-        found[name] = LoraModule(
-            A=layer.lora_A[tag].weight.detach().float().cpu(), B=layer.lora_B[tag].weight.detach().float().cpu(),
-            scale=float(layer.scaling[tag]),
-        )
+        A, B = layer.lora_A[tag].weight.detach(), layer.lora_B[tag].weight.detach()
+        at_least_32 = torch.promote_types(A.dtype, torch.float32)  # half files widen, float64 ones stay
+        found[name] = LoraModule(A=A.to("cpu", at_least_32), B=B.to("cpu", at_least_32), scale=float(layer.scaling[tag]))
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, child, base)
     for attr in ("peft_config", "_hf_peft_config_loaded"):  # the loaders' bookkeeping, set on the instance
