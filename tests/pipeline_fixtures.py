@@ -42,7 +42,37 @@ def build_pipeline(out: Path, dtype=torch.float32, seed: int = 0) -> Path:
     return out
 
 
-def lora_layers(pipe_dir: Path, seed: int, unet_targets=UNET_TARGETS, text_targets=TEXT_TARGETS, r: int = 2, alpha: int = 4):
+def build_flux_pipeline(out: Path, seed: int = 0) -> Path:
+    """A Flux-shaped pipeline: a transformer denoiser (double- and single-stream blocks), CLIP and T5 encoders."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tok = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer", "gpt2")
+    tok.model_max_length = 12
+    tok2 = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer_2", "t5")
+    tok2.model_max_length = 16
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=12, projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tok,
+        text_encoder_2=text_encoder_2, tokenizer_2=tok2, transformer=transformer,
+    ).save_pretrained(out)
+    return out
+
+
+def lora_layers(pipe_dir: Path, seed: int, targets: dict | None = None, r: int = 2, alpha: int = 4):
     """{component: PEFT state dict} of a random LoRA (nonzero B) made by PEFT on the pipeline's modules."""
     from diffusers import DiffusionPipeline
     from peft import LoraConfig, inject_adapter_in_model
@@ -51,7 +81,7 @@ def lora_layers(pipe_dir: Path, seed: int, unet_targets=UNET_TARGETS, text_targe
     pipe = DiffusionPipeline.from_pretrained(pipe_dir, local_files_only=True)
     torch.manual_seed(seed)
     out = {}
-    for component, targets in (("unet", unet_targets), ("text_encoder", text_targets)):
+    for component, targets in (targets or {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}).items():
         if targets:
             module = getattr(pipe, component)
             inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False), module)
@@ -59,17 +89,18 @@ def lora_layers(pipe_dir: Path, seed: int, unet_targets=UNET_TARGETS, text_targe
     return out
 
 
-def save_diffusers_lora(layers: dict, out: Path, r: int = 2, alpha: int = 4) -> Path:
+def save_diffusers_lora(layers: dict, out: Path, r: int = 2, alpha: int = 4, pipeline_class=None) -> Path:
     """What diffusers' training scripts write: pytorch_lora_weights.safetensors with the LoRA config as metadata."""
     from diffusers import StableDiffusionPipeline
 
+    pipeline_class = pipeline_class or StableDiffusionPipeline
     out.mkdir(parents=True, exist_ok=True)
     kwargs = {}
     for component, state in layers.items():
         kwargs[f"{component}_lora_layers"] = state
         targets = sorted({k.split(".lora_")[0] for k in state})  # full module names, as PEFT also accepts
         kwargs[f"{component}_lora_adapter_metadata"] = {"r": r, "lora_alpha": alpha, "target_modules": targets}
-    StableDiffusionPipeline.save_lora_weights(str(out), **kwargs)
+    pipeline_class.save_lora_weights(str(out), **kwargs)
     return out
 
 

@@ -118,7 +118,7 @@ def _unet_output(unet, seed=0):
 def test_merged_lora_loads_in_diffusers_and_reproduces_the_merged_denoiser(tmp_path, pipe_dir, prompts):
     cube, dog = prompts
     first = pf.save_diffusers_lora(pf.lora_layers(pipe_dir, seed=1), tmp_path / "cube")
-    second = pf.save_kohya_lora(pf.lora_layers(pipe_dir, seed=2, text_targets=()), tmp_path / "dog")
+    second = pf.save_kohya_lora(pf.lora_layers(pipe_dir, seed=2, targets={"unet": pf.UNET_TARGETS}), tmp_path / "dog")
     config = _write_config(tmp_path, pipe_dir, [
         {"name": "cube", "path": str(first), "data": str(cube), "trigger": "sks"},
         {"name": "dog", "path": str(second), "data": str(dog)},
@@ -178,7 +178,7 @@ def test_pipeline_merge_equals_a_float64_reference(tmp_path, prompts):
     """Text encoder and denoiser both carry LoRAs: the text encoder's merge, and the denoiser's, whose merged
     model receives the merged text encoder's conditioning, against dense float64 solves on kept features."""
     pipe_dir = pf.build_pipeline(tmp_path / "pipe64", dtype=F64)
-    layers = [pf.lora_layers(pipe_dir, seed=s, text_targets=("q_proj", "v_proj", "fc1")) for s in (3, 4)]
+    layers = [pf.lora_layers(pipe_dir, seed=s, targets={"unet": pf.UNET_TARGETS, "text_encoder": ("q_proj", "v_proj", "fc1")}) for s in (3, 4)]
     paths = [pf.save_diffusers_lora(l, tmp_path / f"lora{i}") for i, l in enumerate(layers)]
     alpha = 1e-3
     config = _write_config(tmp_path, pipe_dir, [
@@ -284,3 +284,38 @@ def test_pipeline_errors_come_before_any_work(tmp_path, pipe_dir, prompts):
     with pytest.raises(IterisError, match="timesteps"):
         iteris.merge(config, calibration={"timesteps": [0, "x"]})
     assert not (tmp_path / "out").exists()
+
+
+def test_flux_transformer_denoiser(tmp_path, prompts):
+    """A transformer denoiser called with keyword arguments only (latents, ids, pooled and sequence
+    conditioning): calibration, merge and a LoRA file that diffusers loads into it."""
+    from diffusers import FluxPipeline
+
+    pipe_dir = pf.build_flux_pipeline(tmp_path / "flux")
+    targets = {"transformer": ("to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "add_k_proj"), "text_encoder": ("q_proj", "v_proj")}
+    first = pf.save_diffusers_lora(pf.lora_layers(pipe_dir, seed=1, targets=targets), tmp_path / "a", pipeline_class=FluxPipeline)
+    second = pf.save_diffusers_lora(pf.lora_layers(pipe_dir, seed=2, targets={"transformer": targets["transformer"]}),
+                                    tmp_path / "b", pipeline_class=FluxPipeline)
+    config = _write_config(tmp_path, pipe_dir, [
+        {"name": "a", "path": str(first), "data": str(prompts[0])}, {"name": "b", "path": str(second), "data": str(prompts[1])},
+    ], parameters={"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4})
+    data = yaml.safe_load(config.read_text())
+    data["calibration"].update(guidance_scale=3.5, height=16, width=16, steps=3)
+    config.write_text(yaml.safe_dump(data))
+    result = iteris.merge(config, out=tmp_path / "out")
+    assert result.report["pipeline"] == "FluxPipeline"
+    assert set(result.deltas) == {"text_encoder", "transformer"}
+    assert result.report["components"]["transformer"]["calibration"]["calls"] == [8, 8]  # 2 batches x 2 seeds x 2 steps
+    loaded = _pipeline(pipe_dir)
+    loaded.transformer.load_lora_adapter(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors",
+                                         prefix="transformer", adapter_name="merged")
+    merged = _pipeline(pipe_dir)
+    with torch.no_grad():
+        for name, d in result.deltas["transformer"].items():
+            merged.transformer.get_submodule(name).weight += (d.B @ d.A).float()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 64, 4, generator=gen), timestep=torch.tensor([0.5]),
+                  pooled_projections=torch.randn(1, 32, generator=gen), encoder_hidden_states=torch.randn(1, 16, 32, generator=gen),
+                  txt_ids=torch.zeros(16, 3), img_ids=torch.zeros(64, 3), return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.transformer(**inputs)[0], merged.transformer(**inputs)[0], rtol=1e-4, atol=1e-5)

@@ -83,14 +83,21 @@ def _lora_file(path: str | Path) -> Path:
 def _state_dict(pipe, file: Path) -> tuple[dict, dict | None, dict | None]:
     """(state dict in diffusers' naming, network alphas, adapter metadata): diffusers' own conversion of
     every format it reads (its own, PEFT's, kohya/A1111 ``lora_unet_...`` keys)."""
+    import inspect
+
     cls = type(pipe)
+    options = {"return_lora_metadata": True}
+    if "return_alphas" in inspect.signature(cls.lora_state_dict).parameters:  # Flux-style loaders ask for them
+        options["return_alphas"] = True
     if file.suffix == ".safetensors":
         out = cls.lora_state_dict(str(file.parent), weight_name=file.name, use_safetensors=True,
-                                  local_files_only=True, return_lora_metadata=True)
+                                  local_files_only=True, **options)
     else:  # a pickle: tensors only, nothing it carries is executed
         raw = torch.load(file, map_location="cpu", weights_only=True)
-        out = cls.lora_state_dict(raw, return_lora_metadata=True)
-    state, alphas, metadata = (*out, None)[:3] if len(out) == 2 else out
+        out = cls.lora_state_dict(raw, **options)
+    if not isinstance(out, tuple) or len(out) != 3:
+        raise IterisError(f"{cls.__name__}.lora_state_dict returned an unexpected value for '{file}'")
+    state, alphas, metadata = out
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in state):
         raise IterisError(f"'{file}' is a DoRA adapter; only plain LoRA can be merged")
     return state, alphas, metadata
