@@ -72,6 +72,36 @@ def build_flux_pipeline(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def build_sdxl_pipeline(out: Path, seed: int = 0) -> Path:
+    """An SDXL-shaped pipeline: two CLIP text encoders (the second with projection: pooled conditioning) and a
+    UNet that adds text and time embeddings (added_cond_kwargs)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer", "gpt2")
+    tok.model_max_length = 12
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+        transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=12 + 6 * 4, cross_attention_dim=24,
+        norm_num_groups=4,
+    )
+    text = dict(vocab_size=len(tok), hidden_size=12, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=12, projection_dim=12, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    vae = AutoencoderKL(
+        block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=16,
+    )
+    StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer_2=tok, unet=unet,
+        scheduler=EulerDiscreteScheduler(), force_zeros_for_empty_prompt=False,
+    ).save_pretrained(out)
+    return out
+
+
 def lora_layers(pipe_dir: Path, seed: int, targets: dict | None = None, r: int = 2, alpha: int = 4):
     """{component: PEFT state dict} of a random LoRA (nonzero B) made by PEFT on the pipeline's modules."""
     from diffusers import DiffusionPipeline

@@ -319,3 +319,32 @@ def test_flux_transformer_denoiser(tmp_path, prompts):
                   txt_ids=torch.zeros(16, 3), img_ids=torch.zeros(64, 3), return_dict=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded.transformer(**inputs)[0], merged.transformer(**inputs)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_sdxl_two_text_encoders_and_added_conditioning(tmp_path, prompts):
+    """SDXL: LoRAs on both text encoders and the UNet; the merged UNet's added conditioning (pooled text
+    embeddings) and its cross-attention inputs come from the merged text encoders."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe_dir = pf.build_sdxl_pipeline(tmp_path / "sdxl")
+    targets = {"unet": pf.UNET_TARGETS, "text_encoder": ("q_proj", "v_proj"), "text_encoder_2": ("q_proj", "fc1")}
+    paths = [pf.save_diffusers_lora(pf.lora_layers(pipe_dir, seed=s, targets=targets), tmp_path / f"l{s}",
+                                    pipeline_class=StableDiffusionXLPipeline) for s in (1, 2)]
+    config = _write_config(tmp_path, pipe_dir, [
+        {"name": "a", "path": str(paths[0]), "data": str(prompts[0])}, {"name": "b", "path": str(paths[1]), "data": str(prompts[1])},
+    ], parameters={"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4})
+    data = yaml.safe_load(config.read_text())
+    data["calibration"].update(height=16, width=16, steps=3)
+    config.write_text(yaml.safe_dump(data))
+    result = iteris.merge(config, out=tmp_path / "out")
+    assert set(result.deltas) == {"text_encoder", "text_encoder_2", "unet"}
+    with safe_open(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == {"text_encoder", "text_encoder_2", "unet"}
+    # every component read back from the file gives the merged factors
+    pipe = _pipeline(pipe_dir)
+    back = read_lora(pipe, "merged", tmp_path / "out")
+    for component, adapter in back.items():
+        for name, lora in adapter.modules.items():
+            d = result.deltas[component][name]
+            torch.testing.assert_close(lora.delta(), (d.B.double() @ d.A.double()), rtol=1e-5, atol=1e-7)
