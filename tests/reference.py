@@ -152,13 +152,18 @@ def dense_iteris(base, deltas, task_inputs, names, iterations, alpha1, alpha2, r
         m = copy.deepcopy(base)
         with torch.no_grad():
             for name, d in delta.items():
-                m.get_submodule(name).weight += d.to(m.get_submodule(name).weight.dtype)
+                w = m.get_submodule(name).weight
+                w += d.to(w.dtype).reshape(w.shape)  # (a 1x1 convolution's weight has two unit axes)
         return m
+
+    def rows(module, x):
+        x = x.movedim(1, -1) if isinstance(module, torch.nn.Conv2d) else x  # 1x1 convolution: channels per pixel
+        return x.reshape(-1, x.shape[-1]).to(F64)
 
     def collect(model, inputs_list):
         store = {name: [] for name in names}
         hooks = [model.get_submodule(name).register_forward_pre_hook(
-            lambda m, a, name=name: store[name].append(a[0].reshape(-1, a[0].shape[-1]).to(F64))) for name in names]
+            lambda m, a, name=name: store[name].append(rows(m, a[0]))) for name in names]
         with torch.no_grad():
             for inputs in inputs_list:
                 run(model, inputs)
@@ -167,11 +172,11 @@ def dense_iteris(base, deltas, task_inputs, names, iterations, alpha1, alpha2, r
         return {name: torch.cat(v) for name, v in store.items()}
 
     own = [collect(weights_added(deltas[i]), task_inputs[i]) for i in range(n)]
-    full = [{name: deltas[i].get(name, torch.zeros_like(base.get_submodule(name).weight, dtype=F64)) for name in names}
-            for i in range(n)]
+    weight = {name: base.get_submodule(name).weight.detach().to(F64).flatten(1) for name in names}
+    full = [{name: deltas[i].get(name, torch.zeros_like(weight[name])) for name in names} for i in range(n)]
     coef = {}
     for name in names:
-        W0 = base.get_submodule(name).weight.detach().to(F64)
+        W0 = weight[name]
         coef[name] = [float(((W0 + full[i][name]) ** 2).sum() / ((own[i][name] @ (W0 + full[i][name]).T) ** 2).sum())
                       if adaptive else 1.0 for i in range(n)]
     merged = own

@@ -50,7 +50,8 @@ def _expected(layers, scale=2.0):
         for key, A in state.items():
             if ".lora_A." in key:
                 module = key.split(".lora_A.")[0]
-                out[component][module] = scale * state[key.replace(".lora_A.", ".lora_B.")].double() @ A.double()
+                B = state[key.replace(".lora_A.", ".lora_B.")]
+                out[component][module] = scale * B.double().flatten(1) @ A.double().flatten(1)  # (1x1 convolutions: 4-D)
     return out
 
 
@@ -76,7 +77,8 @@ def test_diffusers_and_kohya_files_read_with_the_scales_diffusers_applies(tmp_pa
     state, alphas = fresh.lora_state_dict(str(kohya_file.parent), weight_name=kohya_file.name)
     fresh.unet.load_lora_adapter(state, network_alphas=alphas, prefix="unet", adapter_name="k")
     for name, delta in expected["unet"].items():
-        torch.testing.assert_close(fresh.unet.get_submodule(name).get_delta_weight("k").double(), delta, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(fresh.unet.get_submodule(name).get_delta_weight("k").double().flatten(1), delta,
+                                   rtol=1e-6, atol=1e-7)
 
 
 def test_recorded_steps_and_prompt_batches(tmp_path, prompts):
@@ -140,7 +142,8 @@ def test_merged_lora_loads_in_diffusers_and_reproduces_the_merged_denoiser(tmp_p
     merged = _pipeline(pipe_dir)
     with torch.no_grad():
         for name, d in result.deltas["unet"].items():
-            merged.unet.get_submodule(name).weight += (d.B @ d.A).to(torch.float32)
+            w = merged.unet.get_submodule(name).weight
+            w += (d.B @ d.A).to(torch.float32).reshape(w.shape)
     torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(merged.unet), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(_unet_output(loaded.unet), _unet_output(_pipeline(pipe_dir).unet), atol=1e-3)
     # the text encoder's part is written as diffusers writes it, with the scale folded in (alpha = r)
@@ -201,7 +204,8 @@ def test_pipeline_merge_equals_a_float64_reference(tmp_path, prompts):
         with torch.no_grad():
             for component, deltas in dW.items():
                 for n, d in deltas.items():
-                    getattr(pipe, component).get_submodule(n).weight += d
+                    w = getattr(pipe, component).get_submodule(n).weight
+                    w += d.reshape(w.shape)
         text, unet = _Recorder(pipe.text_encoder), _Recorder(pipe.unet, steps=(0, 2))
         for prompts_batch in batches[i]:
             unet.count = 0

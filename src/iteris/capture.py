@@ -22,7 +22,7 @@ from torch import nn
 from .adapters import LoraModule
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
-from .models import Batch, StopForward, run_forward
+from .models import Batch, StopForward, channels_last, is_pointwise_conv, run_forward
 from .precision import (
     HALF, half_addmm_, split_left_factor, split_mm, split_right_factor, split_rows, split_tmm, splits_bf16,
 )
@@ -51,15 +51,19 @@ class DeltaInjector:
         self.layers = layers
         self.variants: dict[str, dict[str, tuple]] = {}
         self._active: dict[str, tuple] = {}
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in layers.items()]
+        self._handles = [m.register_forward_hook(self._hook(name, is_pointwise_conv(m))) for name, m in layers.items()]
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, conv: bool):
         def hook(module, args, output):
             update = self._active.get(name)
             if update is None:
                 return None
             x = args[0]
             kind, first, second, scale = update
+            if conv:  # a 1x1 convolution: the update acts on each pixel's channels
+                x = x.movedim(1, -1)
+                if kind == "split":
+                    kind, first, second, scale = scale
             if kind == "split":
                 if x.dtype == output.dtype == torch.bfloat16 and output.is_contiguous():
                     # (x A^T) B^T added into the bf16 output by the GEMM itself: one rounding, as PEFT's
@@ -76,7 +80,7 @@ class DeltaInjector:
                     h = h @ first.T
             if scale != 1.0:
                 h = h * scale
-            return output.add_(h)  # computed in float32, rounded once to the layer's dtype
+            return output.add_(h.movedim(-1, 1) if conv else h)  # computed in float32, rounded once to the layer's dtype
 
         return hook
 
@@ -203,11 +207,12 @@ def find_groups(model: nn.Module, layers: dict[str, nn.Module], probe: Batch) ->
     groups: list[LayerGroup] = []
     for name in layers:
         for x in seen[name]:
-            token_rows(x, probe.masks, name, unmasked_rows=probe.unmasked_rows)  # refuse unpairable inputs now
+            # refuse unpairable inputs now
+            token_rows(channels_last(layers[name], x), probe.masks, name, unmasked_rows=probe.unmasked_rows)
         key = tuple(id(x) for x in seen[name])
         group = by_inputs.get(key)
         if group is None:
-            group = LayerGroup(name=name, members=[], in_features=seen[name][0].shape[-1])
+            group = LayerGroup(name=name, members=[], in_features=channels_last(layers[name], seen[name][0]).shape[-1])
             by_inputs[key] = group
             groups.append(group)
         group.members.append(name)
@@ -347,7 +352,7 @@ class StatsCollector:
                 raise StopForward
             if group.name not in self._active:
                 return
-            rows = token_rows(args[0], self._masks, group.name, self._full, self._unmasked_rows)
+            rows = token_rows(channels_last(module, args[0]), self._masks, group.name, self._full, self._unmasked_rows)
             if self._mode == "stash":
                 self._stash.setdefault(group.name, []).append(rows)
             elif self._mode == "single" or self._recall is not None:
@@ -372,7 +377,7 @@ class StatsCollector:
         def hook(module, args, output):
             if not self._out_norms or self._mode not in ("single", "stash") or group not in self._active:
                 return None
-            rows = token_rows(output, self._masks, name, self._full, self._unmasked_rows)
+            rows = token_rows(channels_last(module, output), self._masks, name, self._full, self._unmasked_rows)
             rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
             bias = getattr(module, "bias", None)
             if bias is not None:  # the weight's share of the output: ||X W^T||, as the adaptive weight is defined

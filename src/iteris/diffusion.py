@@ -23,7 +23,9 @@ from .config import MergeConfig
 from .data import load_records, select_samples
 from .deltas import LowRankDelta
 from .errors import IterisError
-from .models import CallSample, StopForward, check_layer_shapes, resolve_device, resolve_dtype, resolve_layers
+from .models import (
+    CallSample, StopForward, check_layer_shapes, is_pointwise_conv, resolve_device, resolve_dtype, resolve_layers,
+)
 
 DENOISERS = ("unet", "transformer", "prior")
 LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -137,12 +139,15 @@ def _take_lora_layers(module: nn.Module, tag: str, where: str) -> dict[str, Lora
         base = layer.get_base_layer()
         if layer.use_dora.get(tag, False):
             raise IterisError(f"{where}: '{name}' is a DoRA layer; only plain LoRA can be merged")
-        if not isinstance(base, nn.Linear):
+        if not (isinstance(base, nn.Linear) or is_pointwise_conv(base)):
             raise IterisError(
-                f"{where}: '{name}' is a LoRA on a {type(base).__name__}; only LoRAs on linear layers can be "
-                "merged (kohya LoCon-style convolution LoRAs are not supported)"
+                f"{where}: '{name}' is a LoRA on a {type(base).__name__} "
+                f"{'with a ' + 'x'.join(map(str, base.kernel_size)) + ' kernel ' if hasattr(base, 'kernel_size') else ''}"
+                "; only LoRAs on linear layers and 1x1 convolutions can be merged (kohya LoCon-style LoRAs on "
+                "larger convolution kernels are not supported)"
             )
-        A, B = layer.lora_A[tag].weight.detach(), layer.lora_B[tag].weight.detach()
+        # (a 1x1 convolution's factors carry two trailing unit axes)
+        A, B = layer.lora_A[tag].weight.detach().flatten(1), layer.lora_B[tag].weight.detach().flatten(1)
         at_least_32 = torch.promote_types(A.dtype, torch.float32)  # half files widen, float64 ones stay
         found[name] = LoraModule(A=A.to("cpu", at_least_32), B=B.to("cpu", at_least_32), scale=float(layer.scaling[tag]))
         parent_name, _, child = name.rpartition(".")
@@ -299,6 +304,7 @@ class PipelineMergeResult:
     report: dict
     config: MergeConfig
     pipeline_class: type
+    conv_layers: dict[str, set[str]]  # component -> layers that are 1x1 convolutions (their factors are 4-D)
 
     @property
     def summary(self) -> str:
@@ -309,7 +315,7 @@ class PipelineMergeResult:
 
         start = time.perf_counter()
         with atomic_directory(out, force) as tmp:
-            write_pipeline_lora(tmp, self.pipeline_class, self.deltas)
+            write_pipeline_lora(tmp, self.pipeline_class, self.deltas, self.conv_layers)
             self.report["timings"]["write"] = time.perf_counter() - start
             write_report(tmp, self.report)
         return Path(out)
@@ -324,10 +330,12 @@ def lora_metadata(deltas: dict[str, LowRankDelta]) -> dict:
             "target_modules": sorted(ranks), "lora_dropout": 0.0}
 
 
-def write_pipeline_lora(directory: Path, pipeline_class, deltas: dict[str, dict[str, LowRankDelta]]) -> None:
+def write_pipeline_lora(directory: Path, pipeline_class, deltas: dict[str, dict[str, LowRankDelta]],
+                        conv_layers: dict[str, set[str]] | None = None) -> None:
     """``pytorch_lora_weights.safetensors`` through the pipeline's own ``save_lora_weights``."""
     import inspect
 
+    conv_layers = conv_layers or {}
     accepted = set(inspect.signature(pipeline_class.save_lora_weights).parameters)
     kwargs = {}
     for component, layers in deltas.items():
@@ -335,8 +343,11 @@ def write_pipeline_lora(directory: Path, pipeline_class, deltas: dict[str, dict[
             continue
         state = {}
         for name, d in layers.items():
-            state[f"{name}.lora_A.weight"] = d.A.detach().float().cpu().contiguous()
-            state[f"{name}.lora_B.weight"] = d.B.detach().float().cpu().contiguous()
+            A, B = d.A.detach().float().cpu().contiguous(), d.B.detach().float().cpu().contiguous()
+            if name in conv_layers.get(component, ()):  # as PEFT holds a 1x1 convolution's factors
+                A, B = A[:, :, None, None], B[:, :, None, None]
+            state[f"{name}.lora_A.weight"] = A
+            state[f"{name}.lora_B.weight"] = B
         key = f"{component}_lora_layers"
         if key not in accepted:
             raise IterisError(f"{pipeline_class.__name__}.save_lora_weights cannot write LoRAs for '{component}'")
@@ -448,7 +459,8 @@ def merge_pipeline(cfg: MergeConfig, spec, params, out=None, force: bool = False
     report["peak_memory"] = peak_memory()
     report["timings"]["total"] = time.perf_counter() - t0
     report["summary"] = _summary(report)
-    result = PipelineMergeResult(deltas=merged, report=report, config=cfg, pipeline_class=type(pipe))
+    conv = {c: {n for n, m in layers[c].items() if is_pointwise_conv(m)} for c in components}
+    result = PipelineMergeResult(deltas=merged, report=report, config=cfg, pipeline_class=type(pipe), conv_layers=conv)
     if out is not None:
         result.save(out, force=force)
     return result

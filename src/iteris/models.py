@@ -149,14 +149,29 @@ def load_tokenizer(path: str):
     return tok
 
 
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """A 1x1 convolution (stride 1, no padding or groups): a linear layer over each pixel's channels, as the
+    projections of Stable Diffusion 1.x's transformer blocks are."""
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.padding in ((0, 0), "valid") and module.groups == 1 and module.dilation == (1, 1))
+
+
 def is_mergeable_layer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
+    return isinstance(module, (nn.Linear, Conv1D)) or is_pointwise_conv(module)
+
+
+def channels_last(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input or output with its features on the last axis (a 1x1 convolution's are on axis 1)."""
+    return x.movedim(1, -1) if is_pointwise_conv(module) else x
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
-    """W0 as (d_out x d_in), whichever way the layer stores it (GPT-2 Conv1D keeps the transpose)."""
+    """W0 as (d_out x d_in), whichever way the layer stores it (GPT-2 Conv1D keeps the transpose, a 1x1
+    convolution two trailing unit axes)."""
     if isinstance(module, Conv1D):
         return module.weight.T
+    if is_pointwise_conv(module):
+        return module.weight.flatten(1)
     return module.weight
 
 
@@ -172,7 +187,7 @@ def resolve_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
             ) from None
         if not is_mergeable_layer(module):
             raise IterisError(
-                f"'{name}' is a {type(module).__name__}; only linear layers (nn.Linear, Conv1D) can be merged"
+                f"'{name}' is a {type(module).__name__}; only linear layers (nn.Linear, Conv1D, 1x1 nn.Conv2d) can be merged"
             )
         layers[name] = module
     return layers
