@@ -261,6 +261,25 @@ def test_data_free_baselines_merge_a_pipeline(tmp_path, pipe_dir):
         for name, d in result.deltas[component].items():
             want = 0.7 * expected[0][component][name] + 0.3 * expected[1][component][name]
             torch.testing.assert_close(d.B.double() @ d.A.double(), want, rtol=1e-5, atol=1e-7)
+    # what diffusers computes with both LoRAs loaded and set_adapters(weights): the same denoiser
+    from diffusers import StableDiffusionPipeline
+
+    unet_only = [{"unet": layers[i]["unet"]} for i in range(2)]
+    for i, l in enumerate(unet_only):
+        pf.save_diffusers_lora(l, tmp_path / f"unet{i}")
+    both = _pipeline(pipe_dir)
+    for i in range(2):
+        state, _, metadata = StableDiffusionPipeline.lora_state_dict(str(tmp_path / f"unet{i}"), return_lora_metadata=True)
+        both.unet.load_lora_adapter(state, metadata=metadata, prefix="unet", adapter_name=f"l{i}")
+    both.unet.set_adapters(["l0", "l1"], weights=[0.7, 0.3])
+    loaded = _pipeline(pipe_dir)
+    loaded.unet.load_lora_adapter(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors", prefix="unet",
+                                  adapter_name="merged")
+    torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(both.unet), rtol=1e-4, atol=1e-5)
+    # compressed on request, with the error reported
+    small = iteris.merge(config, rank=1)
+    assert {d.rank for d in small.deltas["unet"].values()} == {1}
+    assert not small.report["output"]["exact"]
     ties = iteris.merge(config, method="ties", out=tmp_path / "ties")
     assert ties.report["output"]["file"] == "pytorch_lora_weights.safetensors"
     assert (tmp_path / "ties" / "pytorch_lora_weights.safetensors").is_file()
