@@ -38,17 +38,15 @@ def tokenizer(model_max_length: int):
 
 
 def build(size: str, path: Path, dtype):
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init on the GPU: much faster
+        _build(size, path, dtype)
+
+
+def _build(size: str, path: Path, dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init on the GPU: much faster
-        _build(size, path, dtype, AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
-               CLIPTextConfig, CLIPTextModel)
-
-
-def _build(size, path, dtype, AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel, CLIPTextConfig,
-           CLIPTextModel):
     if size == "sd15":
         tok = tokenizer(77)
         unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)  # SD 1.5's shapes
