@@ -264,17 +264,19 @@ def test_data_free_baselines_merge_a_pipeline(tmp_path, pipe_dir):
     # what diffusers computes with both LoRAs loaded and set_adapters(weights): the same denoiser
     from diffusers import StableDiffusionPipeline
 
-    unet_only = [{"unet": layers[i]["unet"]} for i in range(2)]
-    for i, l in enumerate(unet_only):
-        pf.save_diffusers_lora(l, tmp_path / f"unet{i}")
+    # (denoiser-only LoRAs, so that the pipeline's own load_lora_weights runs end to end here)
+    unet_only = [pf.save_diffusers_lora({"unet": layers[i]["unet"]}, tmp_path / f"unet{i}") for i in range(2)]
+    only = iteris.merge(_write_config(tmp_path, pipe_dir, [
+        {"name": "a", "path": str(unet_only[0]), "weight": 0.7}, {"name": "b", "path": str(unet_only[1]), "weight": 0.3},
+    ], method="linear"), out=tmp_path / "unet_out")
+    assert set(only.deltas) == {"unet"}
     both = _pipeline(pipe_dir)
     for i in range(2):
-        state, _, metadata = StableDiffusionPipeline.lora_state_dict(str(tmp_path / f"unet{i}"), return_lora_metadata=True)
+        state, _, metadata = StableDiffusionPipeline.lora_state_dict(str(unet_only[i]), return_lora_metadata=True)
         both.unet.load_lora_adapter(state, metadata=metadata, prefix="unet", adapter_name=f"l{i}")
     both.unet.set_adapters(["l0", "l1"], weights=[0.7, 0.3])
     loaded = _pipeline(pipe_dir)
-    loaded.unet.load_lora_adapter(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors", prefix="unet",
-                                  adapter_name="merged")
+    loaded.load_lora_weights(str(tmp_path / "unet_out"))
     torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(both.unet), rtol=1e-4, atol=1e-5)
     # compressed on request, with the error reported
     small = iteris.merge(config, rank=1)
