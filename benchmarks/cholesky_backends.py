@@ -10,21 +10,14 @@ Prints ms per matrix and TFLOP/s (n^3 / 3 flops each) and the largest relative r
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def timed(fn, repeats: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+from solve_parts import timed  # noqa: E402
 
 
 def blocked_cholesky(a: torch.Tensor, block: int) -> torch.Tensor:

@@ -108,6 +108,14 @@ def _write_config(tmp_path, pipe_dir, adapters, **extra):
     return path
 
 
+def _add_to_weights(module, deltas):
+    """The merged denoiser in memory: W0 + B A written into its weights (1x1 convolutions: 4-D)."""
+    with torch.no_grad():
+        for name, d in deltas.items():
+            w = module.get_submodule(name).weight
+            w += (d.B @ d.A).to(w.dtype).reshape(w.shape)
+
+
 def _unet_output(unet, seed=0):
     gen = torch.Generator().manual_seed(seed)
     dtype = unet.dtype
@@ -140,10 +148,7 @@ def test_merged_lora_loads_in_diffusers_and_reproduces_the_merged_denoiser(tmp_p
     loaded.unet.load_lora_adapter(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors",
                                   prefix="unet", adapter_name="merged")
     merged = _pipeline(pipe_dir)
-    with torch.no_grad():
-        for name, d in result.deltas["unet"].items():
-            w = merged.unet.get_submodule(name).weight
-            w += (d.B @ d.A).to(torch.float32).reshape(w.shape)
+    _add_to_weights(merged.unet, result.deltas["unet"])
     torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(merged.unet), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(_unet_output(loaded.unet), _unet_output(_pipeline(pipe_dir).unet), atol=1e-3)
     # the text encoder's part is written as diffusers writes it, with the scale folded in (alpha = r)
@@ -335,9 +340,7 @@ def test_flux_transformer_denoiser(tmp_path, prompts):
     loaded.transformer.load_lora_adapter(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors",
                                          prefix="transformer", adapter_name="merged")
     merged = _pipeline(pipe_dir)
-    with torch.no_grad():
-        for name, d in result.deltas["transformer"].items():
-            merged.transformer.get_submodule(name).weight += (d.B @ d.A).float()
+    _add_to_weights(merged.transformer, result.deltas["transformer"])
     gen = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 64, 4, generator=gen), timestep=torch.tensor([0.5]),
                   pooled_projections=torch.randn(1, 32, generator=gen), encoder_hidden_states=torch.randn(1, 16, 32, generator=gen),
