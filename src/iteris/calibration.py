@@ -53,7 +53,11 @@ class Calibration:
         offload_states: bool = False,
         overlap: str = "auto",
         offload_stats: bool = False,
+        ranks=None,
     ):
+        self.ranks = ranks  # distributed.Ranks when several processes share the merge
+        if ranks is not None:
+            task_samples = [ranks.shard(s, f"adapter '{n}'") for s, n in zip(task_samples, task_names)]
         self.model = model
         self.layers = layers
         self.task_samples = task_samples
@@ -73,7 +77,8 @@ class Calibration:
         # overlap: a block's solve runs on a worker thread (and, on a GPU, a side stream) while the next
         # block is captured; "on" forces it on the CPU too (same answer, for tests)
         # (one GPU only: on a spread model each GPU's solves already queue behind its own captures)
-        self.overlap = len(self.gpus) <= 1 and (overlap == "on" or (overlap == "auto" and self.device.startswith("cuda")))
+        self.overlap = len(self.gpus) <= 1 and ranks is None and (
+            overlap == "on" or (overlap == "auto" and self.device.startswith("cuda")))
         self._remembered: list[list[dict]] | None = None  # [task][batch] -> group -> projected own rows
         # tokens of every task together (main stream): the size of a sample-space solve
         # (unknown for recorded calls, whose layers see different numbers of rows: decided while capturing)
@@ -92,6 +97,8 @@ class Calibration:
                     "cannot be walked block by block; set calibration.walk: auto (or model)"
                 )
         self.collector = StatsCollector(model, layers, self.groups, self.injector, stats_dtype)
+        if ranks is not None:
+            self.collector.reduce = ranks.sum_
 
     def _on_model(self, overrides: dict) -> dict:
         """modules_to_save tensors moved once, not at every block call."""
@@ -158,7 +165,8 @@ class Calibration:
             self.set_merged({})
         options = dict(
             paired=paired or sequential, gamma=gamma, want_cross=want_cross, keep_cross=keep_cross, out_norms=out_norms,
-            rows=rows, rows_tokens=self._total_tokens,
+            rows=rows if self.ranks is None else None,  # (kept inputs are not summed over processes: Grams then)
+            rows_tokens=self._total_tokens,
         )
         proj = [self._projections(a) if projections else {} for a in adapters]
         task_batches = [
@@ -175,7 +183,14 @@ class Calibration:
     def _timed_solve(self, solve: StageSolve, stage: list[LayerGroup], per_task) -> dict[str, Delta]:
         _sync(self.gpus)
         start = time.perf_counter()
-        out = solve([m for g in stage for m in g.members], per_task)
+        if self.ranks is None:
+            out = solve([m for g in stage for m in g.members], per_task)
+        else:  # each rank solves every world-th group, then all ranks get every result
+            owner = {m: k % self.ranks.world for k, g in enumerate(stage) for m in g.members}
+            mine = [m for g in stage for m in g.members if owner[m] == self.ranks.rank]
+            solved = solve(mine, per_task) if mine else {}
+            out = self.ranks.share(solved, owner, [m for g in stage for m in g.members],
+                                   lambda name: self.layers[name].weight.device)
         _sync(self.gpus)
         self.solve_seconds += time.perf_counter() - start
         return out

@@ -335,6 +335,8 @@ class StatsCollector:
         self._recall_pos: dict[str, int] = {}
         self._store = lambda t: t
         self._group_of = {m: g.name for g in groups for m in g.members}
+        # several processes: sums each rank's raw statistics over all ranks, in place (``Ranks.sum_``)
+        self.reduce = None
         # Registered after the injector's hooks, so output hooks see the adapter's update already added.
         self._handles = [layers[g.name].register_forward_pre_hook(self._input_hook(g)) for g in groups]
         self._handles += [m.register_forward_hook(self._output_hook(name)) for name, m in layers.items()]
@@ -544,6 +546,8 @@ class StatsCollector:
         stats, self._stats = self._stats, {}
         self._stash.clear()
         self._masks = {}
+        if self.reduce is not None:
+            self._sum_over_ranks(stats)
         for group_name, st in stats.items():
             parts = self._parts.pop(group_name, None)
             own_rows = own_proj = None
@@ -572,6 +576,23 @@ class StatsCollector:
         self._projections = {}
         self._out_sq = {}
         return stats
+
+    def _sum_over_ranks(self, stats: dict[str, GroupStats]) -> None:
+        """The raw sums (Grams, cross terms, projected cross terms, output norms, token counts) over all
+        ranks, before anything is derived from them; every rank gathered the same groups."""
+        if self._parts:
+            raise IterisError("inputs kept for a sample-space solve cannot be summed over processes")
+        names = sorted(stats)
+        tensors = []
+        for g in names:
+            st = stats[g]
+            tensors += [t for t in (st.gram, st.cross, st.proj.get("")) if t is not None]
+        out_norms = [self._out_sq[n] for n in sorted(self._out_sq)]
+        device = (stats[names[0]].gram.device if names else torch.device("cpu"))
+        tokens = torch.tensor([float(stats[g].tokens) for g in names], dtype=torch.float64, device=device)
+        self.reduce(tensors + out_norms + [tokens])
+        for g, count in zip(names, tokens.tolist()):
+            stats[g].tokens = int(count)
 
     @staticmethod
     def _cross_norm(st: GroupStats, own_rows: torch.Tensor | None) -> torch.Tensor:

@@ -32,6 +32,8 @@ def _cmd_merge(args) -> int:
         "progress": False if args.quiet else None,
     }
     result = merge(args.config, out=args.out, force=args.force, **overrides)
+    if result.report.get("distributed") and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 speaks for the run
     if parameters == {}:
         print(f"--method {args.method} ran with its default parameters (the config's were for another method).")
     print(result.summary)

@@ -99,7 +99,8 @@ def resolve_heads(adapters: list[LoraAdapter], policy: str):
     return own, [reference for _ in adapters], {"": dict(reference)}
 
 
-def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets: list[str], own, merged, report):
+def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets: list[str], own, merged, report,
+                         ranks=None):
     from . import models
     from .calibration import Calibration
     from .capture import DeltaInjector
@@ -164,7 +165,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
             model, layers, injector, samples, [s.name for s in cfg.adapters], pad_id,
             cfg.calibration.batch_size, getattr(torch, stats_dtype), cfg.progress, own, merged,
             walk=cfg.calibration.walk, offload_states=cfg.calibration.offload_states, overlap=cfg.calibration.overlap,
-            offload_stats=cfg.calibration.offload_stats,
+            offload_stats=cfg.calibration.offload_stats, ranks=ranks,
         )
     except BaseException:
         injector.remove()
@@ -211,8 +212,17 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     spec = get_method(cfg.method)
     params = spec.parse_params(cfg.parameters)
     from .diffusion import is_pipeline_dir, merge_pipeline
+    from .distributed import from_environment
 
+    ranks = from_environment()  # several processes (torchrun): each one is a rank of this merge
+    if ranks is not None:
+        if cfg.device_map:
+            raise IterisError("device_map spreads one process's model over GPUs; under torchrun each process has its own "
+                              "GPU: unset device_map")
+        cfg.device = ranks.device
     if cfg.model_type == "diffusion" or (cfg.model_type == "auto" and is_pipeline_dir(cfg.base_model)):
+        if ranks is not None:
+            raise IterisError("diffusers pipelines merge in one process; start it without torchrun")
         if cfg.device_map:
             raise IterisError("device_map spreads a transformers model over GPUs; unset it for a diffusers pipeline")
         return merge_pipeline(cfg, spec, params, out=out, force=force)
@@ -246,7 +256,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     calib = None
     try:
         if spec.needs_calibration:
-            calib = _prepare_calibration(cfg, adapters, targets, own, merged, report)
+            calib = _prepare_calibration(cfg, adapters, targets, own, merged, report, ranks)
         else:
             from .models import check_against_base
 
@@ -276,10 +286,16 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     }
     report["peak_memory"] = peak_memory()
     report["timings"]["total"] = time.perf_counter() - t0
+    if ranks is not None:  # every rank's timings and traffic, in rank 0's report (and the same on every rank)
+        mine = {"rank": ranks.rank, "device": ranks.device, "timings": dict(report["timings"]),
+                "bytes_communicated": ranks.comm_bytes, "communication_seconds": ranks.comm_seconds}
+        report["distributed"] = {"world_size": ranks.world, "backend": ranks.backend, "ranks": ranks.gather(mine)}
     report["summary"] = summarize(report)
     result = MergeResult(deltas=deltas, report=report, config=cfg, adapters=adapters, heads=heads)
-    if out is not None:
+    if out is not None and (ranks is None or ranks.main):  # only rank 0 writes, once every rank has finished
         result.save(out, force=force)
+    if ranks is not None:
+        ranks.barrier()
     return result
 
 
@@ -380,6 +396,10 @@ def summarize(report: dict) -> str:
             + ", ".join(f"{a['name']} {a['samples']} samples / {a['tokens']} tokens" for a in adapters)
             + "."
         )
+    if "distributed" in report:
+        d = report["distributed"]
+        sent = max(r["bytes_communicated"] for r in d["ranks"]) / 2**20
+        parts.append(f"Ran as {d['world_size']} processes ({d['backend']}), at most {sent:.1f} MiB communicated by one.")
     its = report.get("iterations")
     if its and len(its) > 1:
         parts.append(

@@ -1,0 +1,92 @@
+"""Several processes, one merge: two gloo ranks spawned here give the single-process merge, and a rank that
+fails takes the whole run down with no output left."""
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import iteris
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, config: dict, out: str, fail_rank: int | None):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), ITERIS_DIST_TIMEOUT_MINUTES="2")
+    import torch.distributed as dist
+
+    import iteris
+    from iteris import calibration
+
+    if rank == fail_rank:  # this rank breaks in the middle of the first sweep
+        def broken(self, *args, **kwargs):
+            raise RuntimeError("rank failure planted by the test")
+
+        calibration.Calibration.sweep = broken
+    try:
+        iteris.merge(config, out=out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _config(base, adapters, data, **parameters):
+    return {
+        "base_model": str(base), "method": parameters.pop("method", "iteris"), "parameters": parameters,
+        "device": "cpu", "dtype": "float64", "progress": False, "calibration": {"batch_size": 2},
+        "adapters": [{"name": f"a{i}", "path": str(a), "data": str(d)} for i, (a, d) in enumerate(zip(adapters, data))],
+    }
+
+
+def _adapter_weights(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("family,parameters", [
+    ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4}),
+    ("llama", {"iterations": 1, "alpha1": 0.0, "alpha2": 1e-4, "schedule": "sequential"}),
+    ("t5", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4}),  # walked whole: every layer's statistics at once
+    ("llama", {"method": "regmean"}),
+])
+def test_two_processes_give_the_single_process_merge(tmp_path, tiny_family_dir, adapters_for, calibration_file,
+                                                     family, parameters):
+    kind = "jsonl_t5" if family == "t5" else "jsonl"
+    data = [calibration_file(kind, n=5, seed=s) for s in (0, 1)]
+    config = _config(tiny_family_dir(family), adapters_for(family), data, **parameters)
+    single = iteris.merge(json.loads(json.dumps(config)), out=tmp_path / "single")
+    mp.spawn(_rank, args=(2, _free_port(), config, str(tmp_path / "spread"), None), nprocs=2, join=True)
+    a, b = _adapter_weights(tmp_path / "single"), _adapter_weights(tmp_path / "spread")
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-9, atol=1e-12)
+    report = json.loads((tmp_path / "spread" / "merge_report.json").read_text())
+    ranks = report["distributed"]["ranks"]
+    assert report["distributed"]["world_size"] == 2 and [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["bytes_communicated"] > 0 for r in ranks)
+    assert single.report["adapters"][0]["samples"] == report["adapters"][0]["samples"] == 5
+
+
+def test_a_failing_rank_fails_the_run_and_leaves_no_output(tmp_path, tiny_family_dir, adapters_for, calibration_file):
+    data = [calibration_file("jsonl", n=4, seed=s) for s in (0, 1)]
+    config = _config(tiny_family_dir("llama"), adapters_for("llama"), data, iterations=1)
+    with pytest.raises(mp.ProcessRaisedException, match="rank failure planted"):
+        mp.spawn(_rank, args=(2, _free_port(), config, str(tmp_path / "out"), 1), nprocs=2, join=True)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_more_processes_than_samples_is_refused(tmp_path, tiny_family_dir, adapters_for, calibration_file):
+    data = [calibration_file("jsonl", n=1, seed=s) for s in (0, 1)]
+    config = _config(tiny_family_dir("llama"), adapters_for("llama"), data, iterations=1)
+    with pytest.raises(mp.ProcessRaisedException, match="every process needs at least one"):
+        mp.spawn(_rank, args=(2, _free_port(), config, str(tmp_path / "out"), None), nprocs=2, join=True)
