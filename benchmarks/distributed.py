@@ -1,0 +1,172 @@
+"""Strong and weak scaling of the distributed merge: the same `iteris merge` on 1, 2, ... processes.
+
+    PYTHONPATH=src python benchmarks/distributed.py --size 8b --procs 1,2 --out results/distributed/
+    PYTHONPATH=src python benchmarks/distributed.py --size 1b --procs 1,2 --weak
+    PYTHONPATH=src python benchmarks/distributed.py --size tiny --procs 1,2 --samples 4 --tokens 32   # CPU, gloo
+
+A random Llama-shaped model of benchmarks/speed.py's sizes (bf16 on GPUs) is saved with a word-level
+tokenizer, four random PEFT LoRAs of rank 16 on all seven projections beside it, and per adapter S texts of
+T words (one token each). Each run is `torchrun --nproc-per-node N -m iteris merge` (N = 1: one plain
+process), timed end to end (processes started, model loaded, merged, written); the report gives each rank's
+phases and bytes communicated. Strong scaling keeps S fixed; --weak multiplies it by N. The merged adapters
+are compared with the one-process result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import speed  # noqa: E402
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_model(size: str, path: Path, device: str) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = speed.build_model(size, device)
+    model.save_pretrained(path)
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(speed.VOCAB - 4)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+    save_adapters(model, path.parent, 4)
+
+
+def save_adapters(model, root: Path, n: int) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    for i in range(n):
+        torch.manual_seed(i)
+        peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.01)
+        peft_model.save_pretrained(root / f"adapter{i}")
+        model = peft_model.unload()
+
+
+def write_data(root: Path, adapters: int, samples: int, tokens: int) -> list[Path]:
+    import random
+
+    paths = []
+    for i in range(adapters):
+        rng = random.Random(i)
+        low = (i * 5000) % (speed.VOCAB - 8000)
+        rows = [{"text": " ".join(f"w{rng.randrange(low, low + 8000)}" for _ in range(tokens))} for _ in range(samples)]
+        path = root / f"data{i}_{samples}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        paths.append(path)
+    return paths
+
+
+def run(procs: int, config: Path, out: Path) -> float:
+    command = [sys.executable, "-m", "iteris", "merge", str(config), "--out", str(out), "--force", "--quiet"]
+    if procs > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs)] + command[1:]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return wall
+
+
+def relative_difference(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    num = den = 0.0
+    for key in x:
+        if key.endswith("lora_A.weight"):
+            bk = key.replace("lora_A", "lora_B")
+            dx, dy = x[bk].double() @ x[key].double(), y[bk].double() @ y[key].double()
+            num += float((dx - dy).pow(2).sum())
+            den += float(dy.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", default="8b", choices=sorted(speed.SIZES))
+    parser.add_argument("--procs", default="1,2", help="comma-separated process counts (GPUs, or CPU processes)")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=511, help="words per text (+1 for the BOS token)")
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--alpha1", type=float, default=0.0)
+    parser.add_argument("--weak", action="store_true", help="samples per adapter grow with the process count")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    procs = [int(p) for p in args.procs.split(",")]
+    if cuda and max(procs) > torch.cuda.device_count():
+        sys.exit(f"{max(procs)} processes need as many GPUs; {torch.cuda.device_count()} visible")
+    device = "cuda" if cuda else "cpu"
+    name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    print(f"{name} x{torch.cuda.device_count() if cuda else os.cpu_count()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        save_model(args.size, root / "base", device)
+        torch.cuda.empty_cache() if cuda else None
+        reference = None
+        for n in procs:
+            samples = args.samples * (n if args.weak else 1)
+            data = write_data(root, 4, samples, args.tokens)
+            config = {
+                "base_model": str(root / "base"), "method": "iteris", "progress": False, "dtype": "bfloat16" if cuda else "float32",
+                "parameters": {"iterations": args.iterations, "alpha1": args.alpha1, "alpha2": 1e-7},
+                "calibration": {"samples": samples, "max_length": args.tokens + 1, "batch_size": 8},
+                "adapters": [{"name": f"a{i}", "path": str(root / f"adapter{i}"), "data": str(d)} for i, d in enumerate(data)],
+            }
+            path = root / f"merge_{n}.yaml"
+            path.write_text(json.dumps(config))
+            out = root / f"out_{n}"
+            wall = run(n, path, out)
+            report = json.loads((out / "merge_report.json").read_text())
+            ranks = report.get("distributed", {}).get("ranks") or [{"timings": report["timings"], "bytes_communicated": 0,
+                                                                   "communication_seconds": 0.0}]
+            slowest = max(ranks, key=lambda r: r["timings"]["total"])
+            row = {"procs": n, "samples_per_adapter": samples, "wall_s": wall, "load_s": slowest["timings"]["load"],
+                   "capture_s": slowest["timings"].get("capture"), "solve_s": slowest["timings"].get("solve"),
+                   "merge_s": slowest["timings"]["total"], "bytes_per_rank": max(r["bytes_communicated"] for r in ranks),
+                   "communication_s": max(r["communication_seconds"] for r in ranks)}
+            if reference is None:
+                reference = (out, wall, samples)
+            else:
+                row["rel_diff_vs_1"] = relative_difference(out, reference[0]) if samples == reference[2] else None
+            work = samples / reference[2]
+            row["speedup"] = reference[1] * work / wall
+            row["efficiency"] = row["speedup"] / (n / procs[0])
+            rows.append(row)
+    kind = "weak" if args.weak else "strong"
+    print(f"{kind} scaling, {args.size}, 4 adapters, {args.tokens + 1} tokens per sample, {args.iterations} iterations, "
+          f"alpha1 {args.alpha1:g}")
+    print("procs | samples/adapter | wall s | load s | capture s | solve s | merge s | MiB per rank | comm s | speed-up | efficiency | rel. diff vs first")
+    for r in rows:
+        print(" | ".join([str(r["procs"]), str(r["samples_per_adapter"]), f"{r['wall_s']:.1f}", f"{r['load_s']:.1f}",
+                          f"{r['capture_s'] or 0:.1f}", f"{r['solve_s'] or 0:.1f}", f"{r['merge_s']:.1f}",
+                          f"{r['bytes_per_rank'] / 2**20:.1f}", f"{r['communication_s']:.2f}", f"{r['speedup']:.2f}",
+                          f"{r['efficiency']:.0%}", f"{r['rel_diff_vs_1']:.1e}" if r.get("rel_diff_vs_1") is not None else "-"]))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"{kind}_{args.size}.json").write_text(json.dumps({"rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
