@@ -79,7 +79,8 @@ def test_two_processes_give_the_single_process_merge(tmp_path, tiny_family_dir, 
 def test_a_failing_rank_fails_the_run_and_leaves_no_output(tmp_path, tiny_family_dir, adapters_for, calibration_file):
     data = [calibration_file("jsonl", n=4, seed=s) for s in (0, 1)]
     config = _config(tiny_family_dir("llama"), adapters_for("llama"), data, iterations=1)
-    with pytest.raises(mp.ProcessRaisedException, match="rank failure planted"):
+    # whichever process reports first: the one that broke, or the other saying a peer stopped
+    with pytest.raises(mp.ProcessRaisedException, match="rank failure planted|another process of this merge stopped"):
         mp.spawn(_rank, args=(2, _free_port(), config, str(tmp_path / "out"), 1), nprocs=2, join=True)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

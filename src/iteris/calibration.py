@@ -98,7 +98,8 @@ class Calibration:
                 )
         self.collector = StatsCollector(model, layers, self.groups, self.injector, stats_dtype)
         if ranks is not None:
-            self.collector.reduce = ranks.sum_
+            self.collector.reduce = ranks.sum_to
+            self.collector.rank = ranks.rank
 
     def _on_model(self, overrides: dict) -> dict:
         """modules_to_save tensors moved once, not at every block call."""
@@ -180,13 +181,19 @@ class Calibration:
             return self._sweep_blocks(solve, task_batches, proj, options, sequential, label, recall)
         return self._sweep_model(solve, task_batches, proj, options, label)
 
+    def _assign(self, stage: list[LayerGroup]) -> None:
+        """Several processes: which rank solves (and so receives the statistics of) each group of a stage,
+        balanced by the cost of its solves (members x d_in^3)."""
+        if self.ranks is not None:
+            self.collector.owner = self.ranks.owners({g.name: len(g.members) * g.in_features**3 for g in stage})
+
     def _timed_solve(self, solve: StageSolve, stage: list[LayerGroup], per_task) -> dict[str, Delta]:
         _sync(self.gpus)
         start = time.perf_counter()
         if self.ranks is None:
             out = solve([m for g in stage for m in g.members], per_task)
-        else:  # each rank solves every world-th group, then all ranks get every result
-            owner = {m: k % self.ranks.world for k, g in enumerate(stage) for m in g.members}
+        else:  # each rank solves the groups whose statistics it received, then all ranks get every result
+            owner = {m: self.collector.owner[g.name] for g in stage for m in g.members}
             mine = [m for g in stage for m in g.members if owner[m] == self.ranks.rank]
             solved = solve(mine, per_task) if mine else {}
             out = self.ranks.share(solved, owner, [m for g in stage for m in g.members],
@@ -202,6 +209,7 @@ class Calibration:
                    unit="batch")
         start = time.perf_counter()
         for i, task in enumerate(task_batches):
+            self._assign(self.groups)
             self.collector.start(names, proj[i], **options)
             for batch in task:
                 with self.injector.use(f"own:{i}", self._own_overrides[i]):
@@ -282,6 +290,7 @@ class Calibration:
                     t0 = time.perf_counter()
                     per_task = []
                     for i, task in enumerate(task_batches):
+                        self._assign(stage)
                         self.collector.start([g.name for g in stage], proj[i], stop_at=stop_at, store=self._store,
                                              **options)
                         for j, batch in enumerate(task):

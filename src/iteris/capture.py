@@ -335,8 +335,11 @@ class StatsCollector:
         self._recall_pos: dict[str, int] = {}
         self._store = lambda t: t
         self._group_of = {m: g.name for g in groups for m in g.members}
-        # several processes: sums each rank's raw statistics over all ranks, in place (``Ranks.sum_``)
+        # several processes: sums each rank's raw statistics into the rank that solves their group (``Ranks.sum_to``),
+        # with ``owner`` (group -> rank) set for the groups being gathered; the other ranks drop them
         self.reduce = None
+        self.owner: dict[str, int] = {}
+        self.rank = 0
         # Registered after the injector's hooks, so output hooks see the adapter's update already added.
         self._handles = [layers[g.name].register_forward_pre_hook(self._input_hook(g)) for g in groups]
         self._handles += [m.register_forward_hook(self._output_hook(name)) for name, m in layers.items()]
@@ -583,16 +586,22 @@ class StatsCollector:
         if self._parts:
             raise IterisError("inputs kept for a sample-space solve cannot be summed over processes")
         names = sorted(stats)
-        tensors = []
+        by_rank: dict[int, list[torch.Tensor]] = {}
+        tokens = {}
         for g in names:
             st = stats[g]
-            tensors += [t for t in (st.gram, st.cross, st.proj.get("")) if t is not None]
-        out_norms = [self._out_sq[n] for n in sorted(self._out_sq)]
-        device = (stats[names[0]].gram.device if names else torch.device("cpu"))
-        tokens = torch.tensor([float(stats[g].tokens) for g in names], dtype=torch.float64, device=device)
-        self.reduce(tensors + out_norms + [tokens])
-        for g, count in zip(names, tokens.tolist()):
-            stats[g].tokens = int(count)
+            tokens[g] = torch.tensor([float(st.tokens)], dtype=torch.float64, device=st.gram.device)
+            out_norms = [self._out_sq[n] for n in sorted(self._out_sq) if self._group_of[n] == g]
+            by_rank.setdefault(self.owner[g], []).extend(
+                [t for t in (st.gram, st.cross, st.proj.get("")) if t is not None] + out_norms + [tokens[g]])
+        self.reduce(by_rank)
+        for g in names:
+            if self.owner[g] != self.rank:  # another rank solves this group: its partial sums are not needed
+                del stats[g]
+                for n in [n for n in self._out_sq if self._group_of[n] == g]:
+                    del self._out_sq[n]
+            else:
+                stats[g].tokens = int(tokens[g].item())
 
     @staticmethod
     def _cross_norm(st: GroupStats, own_rows: torch.Tensor | None) -> torch.Tensor:

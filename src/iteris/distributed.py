@@ -1,14 +1,16 @@
 """One merge over several processes (``torchrun`` / ``accelerate launch``): torch.distributed, NCCL between
 GPUs, gloo between CPUs.
 
-Every rank loads the model, captures its share of every adapter's samples, and the statistics are summed with
-``all_reduce`` before anything is derived from them (norms, projections, the Gram's mirrored half), so every
-rank holds what a single process would. Each rank solves its share of a stage's layer groups and broadcasts
-the results, so every rank runs the same merged model in the next round. Only rank 0 writes.
+Every rank loads the model and captures its share of every adapter's samples. Each layer group of a stage is
+solved by one rank (dealt out by the cost of its solves); the raw statistics are summed into that rank with
+``reduce`` before anything is derived from them (norms, projections, the Gram's mirrored half), so it holds
+what a single process would, and it broadcasts the solved factors, so every rank runs the same merged model
+in the next round. Only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -43,29 +45,52 @@ class Ranks:
                               "process needs at least one: give more samples or start fewer processes")
         return samples[self.rank :: self.world]
 
-    def sum_(self, tensors: list[torch.Tensor]) -> None:
-        """Sum each tensor over the ranks, in place: one all_reduce per dtype and device."""
+    def owners(self, costs: dict[str, float]) -> dict[str, int]:
+        """Which rank solves each layer group: the costliest first, each to the least loaded rank."""
+        load = [0.0] * self.world
+        out = {}
+        for name in sorted(costs, key=lambda n: -costs[n]):
+            rank = min(range(self.world), key=lambda r: load[r])
+            out[name] = rank
+            load[rank] += costs[name]
+        return out
+
+    def sum_to(self, tensors_by_rank: dict[int, list[torch.Tensor]]) -> None:
+        """Sum tensors over the ranks into the rank that will use them (in place there; the other ranks'
+        copies are left as partial sums): one reduce per destination, dtype and device."""
+        start = time.perf_counter()
+        with self._talking():
+            self._sum_to(tensors_by_rank)
+        self.comm_seconds += time.perf_counter() - start
+
+    def _sum_to(self, tensors_by_rank: dict[int, list[torch.Tensor]]) -> None:
         import torch.distributed as dist
 
-        start = time.perf_counter()
-        buckets: dict[tuple, list[torch.Tensor]] = {}
-        for t in tensors:
-            buckets.setdefault((t.dtype, t.device), []).append(t)
-        for group in buckets.values():
-            flat = torch.cat([t.reshape(-1) for t in group])
-            dist.all_reduce(flat)
-            self.comm_bytes += flat.numel() * flat.element_size()
-            offset = 0
-            for t in group:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
-        self.comm_seconds += time.perf_counter() - start
+        for dst in sorted(tensors_by_rank):
+            buckets: dict[tuple, list[torch.Tensor]] = {}
+            for t in tensors_by_rank[dst]:
+                buckets.setdefault((t.dtype, t.device), []).append(t)
+            for group in buckets.values():
+                flat = torch.cat([t.reshape(-1) for t in group])
+                dist.reduce(flat, dst=dst)
+                self.comm_bytes += flat.numel() * flat.element_size()
+                if dst == self.rank:
+                    offset = 0
+                    for t in group:
+                        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                        offset += t.numel()
 
     def share(self, mine: dict, owner: dict[str, int], order: list[str], device_of) -> dict:
         """Every rank's solved deltas on every rank: each layer's broadcast from the rank that solved it."""
+        start = time.perf_counter()
+        with self._talking():
+            out = self._share(mine, owner, order, device_of)
+        self.comm_seconds += time.perf_counter() - start
+        return out
+
+    def _share(self, mine: dict, owner: dict[str, int], order: list[str], device_of) -> dict:
         import torch.distributed as dist
 
-        start = time.perf_counter()
         out = {}
         for src in range(self.world):
             names = [n for n in order if owner[n] == src]
@@ -85,8 +110,17 @@ class Ranks:
                     dist.broadcast(t, src=src)
                     self.comm_bytes += t.numel() * t.element_size()
                 out[name] = LowRankDelta(B=tensors[0], A=tensors[1]) if kind == "lowrank" else DenseDelta(D=tensors[0])
-        self.comm_seconds += time.perf_counter() - start
         return out
+
+    @contextlib.contextmanager
+    def _talking(self):
+        """A collective whose peer died surfaces as an error that says so, not as a transport message."""
+        try:
+            yield
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise IterisError(f"process {self.rank} of {self.world}: another process of this merge stopped (its own "
+                              f"error says why); here: {first}") from exc
 
     def _object_device(self):
         return torch.device(self.device) if self.backend == "nccl" else None
@@ -95,13 +129,15 @@ class Ranks:
         import torch.distributed as dist
 
         out = [None] * self.world
-        dist.all_gather_object(out, value)
+        with self._talking():
+            dist.all_gather_object(out, value)
         return out
 
     def barrier(self) -> None:
         import torch.distributed as dist
 
-        dist.barrier()
+        with self._talking():
+            dist.barrier()
 
 
 def _describe(delta) -> tuple:
