@@ -74,6 +74,10 @@ def test_two_processes_give_the_single_process_merge(tmp_path, tiny_family_dir, 
     assert report["distributed"]["world_size"] == 2 and [r["rank"] for r in ranks] == [0, 1]
     assert all(r["bytes_communicated"] > 0 for r in ranks)
     assert single.report["adapters"][0]["samples"] == report["adapters"][0]["samples"] == 5
+    if "adaptive_weights" in single.report:  # every layer's, gathered from the rank that solved it
+        assert set(report["adaptive_weights"]) == set(single.report["adaptive_weights"])
+        for name, weights in single.report["adaptive_weights"].items():
+            assert report["adaptive_weights"][name] == pytest.approx(weights, rel=1e-9)
 
 
 def test_a_failing_rank_fails_the_run_and_leaves_no_output(tmp_path, tiny_family_dir, adapters_for, calibration_file):

@@ -288,8 +288,17 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     report["timings"]["total"] = time.perf_counter() - t0
     if ranks is not None:  # every rank's timings and traffic, in rank 0's report (and the same on every rank)
         mine = {"rank": ranks.rank, "device": ranks.device, "timings": dict(report["timings"]),
-                "bytes_communicated": ranks.comm_bytes, "communication_seconds": ranks.comm_seconds}
-        report["distributed"] = {"world_size": ranks.world, "backend": ranks.backend, "ranks": ranks.gather(mine)}
+                "bytes_communicated": ranks.comm_bytes, "communication_seconds": ranks.comm_seconds,
+                "solved": {k: report[k] for k in _PER_LAYER if k in report}}
+        everyone = ranks.gather(mine)
+        for key in _PER_LAYER:  # what each rank found about the layers it solved
+            parts = [r["solved"][key] for r in everyone if key in r["solved"]]
+            if parts:
+                report[key] = ({k: v for p in parts for k, v in p.items()} if isinstance(parts[0], dict)
+                               else sorted({x for p in parts for x in p}))
+        for r in everyone:
+            del r["solved"]
+        report["distributed"] = {"world_size": ranks.world, "backend": ranks.backend, "ranks": everyone}
     report["summary"] = summarize(report)
     result = MergeResult(deltas=deltas, report=report, config=cfg, adapters=adapters, heads=heads)
     if out is not None and (ranks is None or ranks.main):  # only rank 0 writes, once every rank has finished
@@ -297,6 +306,10 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     if ranks is not None:
         ranks.barrier()
     return result
+
+
+# report entries each rank fills only for the layers it solved (several processes)
+_PER_LAYER = ("adaptive_weights", "singular_layers")
 
 
 @torch.no_grad()  # a user's model may come with trainable parameters: no autograd graph for the captures
