@@ -12,7 +12,7 @@ from safetensors import safe_open
 import iteris
 import pipeline_fixtures as pf
 import reference
-from iteris.diffusion import _prompt_batches, read_lora, recorded_steps
+from iteris.diffusion import _prompt_batches, read_lora, record_calls, recorded_steps
 from iteris.errors import IterisError
 
 pytest.importorskip("diffusers")
@@ -376,3 +376,36 @@ def test_sdxl_two_text_encoders_and_added_conditioning(tmp_path, prompts):
         for name, lora in adapter.modules.items():
             d = result.deltas[component][name]
             torch.testing.assert_close(lora.delta(), (d.B.double() @ d.A.double()), rtol=1e-5, atol=1e-7)
+
+
+def test_recorded_steps_follow_the_pipeline_loop_not_the_denoiser_calls(pipe_dir):
+    """A second-order scheduler runs two denoiser calls for most steps: the recorded ones are still spread
+    over the whole loop (the pipeline's own step count), first and last included."""
+    from diffusers import HeunDiscreteScheduler
+
+    pipe = _pipeline(pipe_dir)
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    cal = iteris.load_config({"base_model": "x", "adapters": [{"name": "a", "path": "a"}],
+                              "calibration": {"steps": 3, "timesteps": 2, "guidance_scale": 5.0}}).calibration
+    calls = record_calls(pipe, ["unet"], [["a red cube"]], cal)["unet"]
+    loop = pipe.scheduler.timesteps
+    assert len(loop) == 5  # 3 steps, the inner ones twice
+    assert [float(c.args[1]) for _, _, c in calls] == [float(loop[0]), float(loop[-1])]
+
+
+def test_awkward_adapter_names_and_lora_bias(tmp_path, pipe_dir, prompts):
+    lora = pf.save_diffusers_lora(pf.lora_layers(pipe_dir, seed=1), tmp_path / "style.v1")
+    config = _write_config(tmp_path, pipe_dir, [{"path": str(lora)}, {"name": "my.other.lora", "path": str(lora)}],
+                           method="task_arithmetic")
+    assert [a["name"] for a in iteris.merge(config).report["adapters"]] == ["style.v1", "my.other.lora"]
+    # a LoRA that trains biases cannot be expressed by the merge: refused, not dropped
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(lora / "pytorch_lora_weights.safetensors"))
+    key = next(k for k in state if k.endswith("lora_B.weight"))
+    state[key.replace("lora_B.weight", "lora_B.bias")] = torch.zeros(state[key].shape[0])
+    (tmp_path / "biased").mkdir()
+    save_file(state, str(tmp_path / "biased" / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(IterisError, match="lora_bias"):
+        iteris.merge(_write_config(tmp_path, pipe_dir, [{"name": "b", "path": str(tmp_path / "biased")}]),
+                     method="task_arithmetic")

@@ -11,6 +11,7 @@ encoders' conditioning for the same prompts.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,6 +103,8 @@ def _state_dict(pipe, file: Path) -> tuple[dict, dict | None, dict | None]:
     state, alphas, metadata = out
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in state):
         raise IterisError(f"'{file}' is a DoRA adapter; only plain LoRA can be merged")
+    if any(k.endswith(("lora_B.bias", "lora.up.bias", "lora_up.bias")) for k in state):
+        raise IterisError(f"'{file}' trains biases on its LoRA layers (lora_bias); only plain LoRA can be merged")
     return state, alphas, metadata
 
 
@@ -115,7 +118,7 @@ def _inject_text_encoder(module: nn.Module, prefix: str, state: dict, alphas, me
     if not state:
         return False
     if metadata is not None:
-        metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")} or metadata
+        metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")} or None
     state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
     if not hasattr(module, "text_model"):
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
@@ -139,6 +142,8 @@ def _take_lora_layers(module: nn.Module, tag: str, where: str) -> dict[str, Lora
         base = layer.get_base_layer()
         if layer.use_dora.get(tag, False):
             raise IterisError(f"{where}: '{name}' is a DoRA layer; only plain LoRA can be merged")
+        if getattr(layer, "lora_bias", {}).get(tag, False):
+            raise IterisError(f"{where}: '{name}' trains a bias on its LoRA (lora_bias); only plain LoRA can be merged")
         if not (isinstance(base, nn.Linear) or is_pointwise_conv(base)):
             raise IterisError(
                 f"{where}: '{name}' is a LoRA on a {type(base).__name__} "
@@ -162,7 +167,7 @@ def read_lora(pipe, name: str, path: str | Path) -> dict[str, LoraAdapter]:
     """One adapter's LoRA per pipeline component, with the scales diffusers would apply."""
     file = _lora_file(path)
     state, alphas, metadata = _state_dict(pipe, file)
-    tag = f"iteris_read_{name}"
+    tag = "iteris_read_" + re.sub(r"\W", "_", name)  # (a module dict key: no dots)
     out = {}
     for component in lora_components(pipe):
         module = getattr(pipe, component)
@@ -218,28 +223,70 @@ def _detached(value):
     return value
 
 
+class _Steps:
+    """Where a sampling run is: its loop's step (counted by the pipeline's step-end callback where it takes
+    one, so that pipelines calling the denoiser more than once a step are followed; else one denoiser call a
+    step) and the denoiser call's position within that step."""
+
+    def __init__(self, pipe):
+        import inspect
+
+        self.pipe = pipe
+        self.by_callback = "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
+        self.stop_after: int | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.step, self.position = 0, 0
+
+    def run_kwargs(self) -> dict:
+        return {"callback_on_step_end": self._step_end} if self.by_callback else {}
+
+    def _step_end(self, pipe, index, timestep, callback_kwargs):
+        self.step, self.position = index + 1, 0
+        if self.stop_after is not None and index >= self.stop_after:
+            raise StopForward  # the later steps are not wanted: no need to run them
+        return {}
+
+    def denoiser_call(self) -> tuple[int, int]:
+        """(step, position within the step) of the denoiser call about to run."""
+        if self.by_callback:
+            self.position += 1
+            return self.step, self.position - 1
+        self.step += 1
+        return self.step - 1, 0
+
+    def loop_length(self, default: int) -> int:
+        """Steps of the pipeline's loop: the scheduler's timesteps (two a step for second-order schedulers)."""
+        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+        return len(timesteps) if timesteps is not None and len(timesteps) else default
+
+
 @torch.no_grad()
-def record_calls(pipe, components: list[str], prompt_batches: list[list[str]], cal) -> dict[str, list[tuple[int, CallSample]]]:
+def record_calls(pipe, components: list[str], prompt_batches: list[list[str]], cal) -> dict[str, list[tuple]]:
     """Every call the components receive while the pipeline samples each prompt batch for each seed: the
-    text encoders' calls, and the denoiser's at the recorded steps (the run stops after the last one).
-    Each call is tagged with its prompt batch's index."""
-    steps = recorded_steps(cal.steps, cal.timesteps)
+    text encoders' calls, and the denoiser's at the recorded steps of the pipeline's loop (all of a step's
+    calls; the run stops after the last recorded step). Each call is tagged (prompt batch, position within
+    its step)."""
     denoiser = next((c for c in components if c in DENOISERS), None)
-    calls: dict[str, list[tuple[int, CallSample]]] = {c: [] for c in components}
-    state = {"batch": 0, "step": 0}
+    calls: dict[str, list[tuple]] = {c: [] for c in components}
+    where = _Steps(pipe)
+    state = {"batch": 0, "chosen": None}
 
     def recorder(component):
         def hook(module, args, kwargs):
             sample = CallSample(args=_detached(tuple(args)), kwargs=_detached(dict(kwargs)))
             if component != denoiser:
-                calls[component].append((state["batch"], sample))
+                calls[component].append((state["batch"], 0, sample))
                 return
-            step = state["step"]
-            state["step"] += 1
-            if step in steps:
-                calls[component].append((state["batch"], sample))
-            if step >= steps[-1]:
-                raise StopForward  # the later steps are not recorded: no need to run them
+            if state["chosen"] is None:  # the scheduler's timesteps are set once the loop starts
+                state["chosen"] = recorded_steps(where.loop_length(cal.steps), cal.timesteps)
+                where.stop_after = state["chosen"][-1]
+            step, position = where.denoiser_call()
+            if step in state["chosen"]:
+                calls[component].append((state["batch"], position, sample))
+            if not where.by_callback and step >= state["chosen"][-1]:
+                raise StopForward
 
         return hook
 
@@ -247,9 +294,11 @@ def record_calls(pipe, components: list[str], prompt_batches: list[list[str]], c
     try:
         for b, prompts in enumerate(prompt_batches):
             for seed in cal.seeds:
-                state.update(batch=b, step=0)
+                state["batch"] = b
+                where.reset()
                 with contextlib.suppress(StopForward):
-                    pipe(prompt=prompts, generator=torch.Generator("cpu").manual_seed(int(seed)), **_pipe_kwargs(cal))
+                    pipe(prompt=prompts, generator=torch.Generator("cpu").manual_seed(int(seed)), **_pipe_kwargs(cal),
+                         **where.run_kwargs())
     finally:
         for h in handles:
             h.remove()
@@ -257,20 +306,30 @@ def record_calls(pipe, components: list[str], prompt_batches: list[list[str]], c
 
 
 @torch.no_grad()
-def conditioning(pipe, denoiser: str, prompt_batches: list[list[str]], cal) -> list[dict]:
-    """What the denoiser receives besides latents and timestep, per prompt batch, as the pipeline stands
-    (its text encoders as currently set): one step of sampling, stopped at the denoiser."""
-    out = []
+def conditioning(pipe, denoiser: str, prompt_batches: list[list[str]], cal) -> list[list[dict]]:
+    """What the denoiser receives besides latents and timestep, per prompt batch and position within a step
+    (a pipeline may call it once for the conditional and once for the unconditional branch), as the pipeline
+    stands (its text encoders as currently set): the first step of sampling only."""
+    out: list[list[dict]] = []
+    where = _Steps(pipe)
+    where.stop_after = 0
 
     def hook(module, args, kwargs):
-        out.append({k: _detached(v) for k, v in kwargs.items() if k not in _NOT_CONDITIONING})
-        raise StopForward
+        step, _ = where.denoiser_call()
+        if step > 0:
+            raise StopForward
+        out[-1].append({k: _detached(v) for k, v in kwargs.items() if k not in _NOT_CONDITIONING})
+        if not where.by_callback:
+            raise StopForward
 
     handle = getattr(pipe, denoiser).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for prompts in prompt_batches:
+            out.append([])
+            where.reset()
             with contextlib.suppress(StopForward):
-                pipe(prompt=prompts, generator=torch.Generator("cpu").manual_seed(int(cal.seeds[0])), **_pipe_kwargs(cal))
+                pipe(prompt=prompts, generator=torch.Generator("cpu").manual_seed(int(cal.seeds[0])), **_pipe_kwargs(cal),
+                     **where.run_kwargs())
     finally:
         handle.remove()
     return out
@@ -430,7 +489,7 @@ def merge_pipeline(cfg: MergeConfig, spec, params, out=None, force: bool = False
         calib = None
         try:
             if spec.needs_calibration:
-                samples = [[call for _, call in task] for task in calls[c]]
+                samples = [[call for _, _, call in task] for task in calls[c]]
                 if any(not s for s in samples):
                     raise IterisError(f"{c}: an adapter's sampling run never called it; nothing to calibrate on")
                 calib = Calibration(
@@ -481,8 +540,8 @@ def _merged_conditioning(pipe, denoiser, layers, merged, denoiser_calls, batches
                 stack.enter_context(injector.use("merged"))
             for task_calls, task_batches in zip(denoiser_calls, batches):
                 cond = conditioning(pipe, denoiser, task_batches, cal)
-                for b, call in task_calls:
-                    call.merged = cond[b]
+                for b, position, call in task_calls:
+                    call.merged = cond[b][min(position, len(cond[b]) - 1)]
     finally:
         for injector in injectors:
             injector.remove()
