@@ -108,9 +108,18 @@ def _adapter(base_dir, family, out, seed):
     return out, deltas
 
 
+NO_TEXT = {2, 5}  # image-only records beside image + text ones
+
+
+def _text(family, i):
+    """What the model reads with image i, as the merge gives it to the processor."""
+    text = "" if i in NO_TEXT else TEXTS[i]
+    return (f"<image>\n{text}" if text else "<image>") if family == "llava" else text
+
+
 def _data(path, family, indices):
     with_text = MODELS[family][2]
-    rows = [{"image": f"img{i}.png", **({"text": TEXTS[i]} if with_text else {})} for i in indices]
+    rows = [{"image": f"img{i}.png", **({"text": TEXTS[i]} if with_text and i not in NO_TEXT else {})} for i in indices]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
@@ -137,8 +146,7 @@ def test_image_models_merge_as_the_float64_reference(tmp_path, images, family):
             image = img.convert("RGB")
         if not MODELS[family][2]:
             return processor(images=[image], return_tensors="pt")
-        text = TEXTS[i] if family != "llava" else f"<image>\n{TEXTS[i]}"
-        return processor(images=[image], text=[text], return_tensors="pt")
+        return processor(images=[image], text=[_text(family, i)], return_tensors="pt")
 
     task_inputs = [[one(i) for i in idx] for idx in ([0, 1, 2], [3, 4, 5])]
     names = sorted(set(adapters[0][1]) | set(adapters[1][1]))
@@ -183,3 +191,20 @@ def test_data_free_methods_check_image_models_without_loading_weights(tmp_path):
     for name, d in result.deltas.items():
         want = sum(a[1].get(name, 0) for a in adapters)
         torch.testing.assert_close(d.dense().to(F64), want, rtol=1e-5, atol=1e-7)
+
+
+def test_image_batches_stack_only_alike_images_and_pad_per_token_extras():
+    from iteris.vision import ImageSample, image_batches, make_image_batch
+
+    def sample(pixels, n_ids):
+        return ImageSample(pixel_values=torch.zeros(1, *pixels), input_ids=list(range(1, n_ids + 1)),
+                           extra={"token_type_ids": torch.ones(1, n_ids, dtype=torch.long)})
+
+    a, b, c, d = sample((3, 16, 16), 3), sample((3, 16, 16), 5), sample((5, 3, 16, 16), 4), sample((3, 16, 16), 2)
+    groups = image_batches([a, b, c, d], batch_size=4)
+    assert [len(g) for g in groups] == [2, 1, 1]  # a tiled image of another patch count starts a new batch
+    batch = make_image_batch(groups[0], pad=0, device="cpu")
+    assert batch.inputs["token_type_ids"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch.masks[5].tolist() == [[True, True, True, False, False], [True] * 5]
+    with pytest.raises(ValueError):
+        make_image_batch([a, c], pad=0, device="cpu")

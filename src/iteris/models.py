@@ -288,6 +288,12 @@ def make_batch(samples: list[TokenSample] | list[CallSample], pad_id: int, devic
 
 
 def batches(samples: list[TokenSample] | list[CallSample], batch_size: int, pad_id: int, device: str):
+    from .vision import ImageSample, image_batches
+
+    if samples and isinstance(samples[0], ImageSample):
+        for group in image_batches(samples, batch_size):
+            yield make_batch(group, pad_id, device)
+        return
     if samples and isinstance(samples[0], CallSample):
         batch_size = 1
     for start in range(0, len(samples), batch_size):

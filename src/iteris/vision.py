@@ -88,13 +88,13 @@ def image_samples(processor, samples, source: str) -> list[ImageSample]:
                 image = img.convert("RGB")
         except OSError as exc:
             raise IterisError(f"calibration data '{source}': cannot read image '{path}': {exc}") from None
-        text = sample.text
         if tokenizer is None:
             inputs = processor(images=[image], return_tensors="pt")
         else:
-            if image_token and (text is None or image_token not in text):
-                text = image_token if not text else f"{image_token}\n{text}"  # where the image's tokens go
-            inputs = processor(images=[image], text=[text] if text is not None else None, return_tensors="pt")
+            text = sample.text or ""  # a model that reads text gets some, so every sample has its token ids
+            if image_token and image_token not in text:
+                text = f"{image_token}\n{text}" if text else image_token  # where the image's tokens go
+            inputs = processor(images=[image], text=[text], return_tensors="pt")
         ids = inputs.get("input_ids")
         extra = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask")
                  and isinstance(v, torch.Tensor)}
@@ -103,16 +103,43 @@ def image_samples(processor, samples, source: str) -> list[ImageSample]:
     return out
 
 
+def _per_token(sample: ImageSample, value: torch.Tensor) -> bool:
+    """A processor output with one entry per text token (token type ids and the like): padded like the ids."""
+    return sample.input_ids is not None and value.ndim == 2 and value.shape[-1] == len(sample.input_ids)
+
+
+def _shape_key(sample: ImageSample) -> tuple:
+    return (tuple(sample.pixel_values.shape[1:]),
+            tuple((k, tuple(v.shape[1:])) for k, v in sample.extra.items() if not _per_token(sample, v)))
+
+
+def image_batches(samples: list[ImageSample], batch_size: int) -> list[list[ImageSample]]:
+    """Consecutive samples, up to batch_size, whose images the processor shaped alike (tiled processors give
+    a patch count per aspect ratio): only those stack into one batch."""
+    out: list[list[ImageSample]] = []
+    for sample in samples:
+        if out and len(out[-1]) < batch_size and _shape_key(out[-1][0]) == _shape_key(sample):
+            out[-1].append(sample)
+        else:
+            out.append([sample])
+    return out
+
+
 def make_image_batch(samples: list[ImageSample], pad: int, device: str):
     """Images stacked, texts right-padded; rows of inputs that no text mask covers (patches) are all real."""
     from .models import Batch, _pad
 
+    if len({_shape_key(s) for s in samples}) > 1:
+        raise ValueError("images shaped differently by the processor go into separate batches (image_batches)")
     inputs = {"pixel_values": torch.cat([s.pixel_values for s in samples]).to(device)}
+    length = max(len(s.input_ids) for s in samples) if samples[0].input_ids is not None else 0
     for key in samples[0].extra:
-        inputs[key] = torch.cat([s.extra[key] for s in samples]).to(device)
+        values = [s.extra[key] for s in samples]
+        if _per_token(samples[0], values[0]):
+            values = [torch.nn.functional.pad(v, (0, length - v.shape[-1])) for v in values]
+        inputs[key] = torch.cat(values).to(device)
     masks, full = {}, set()
     if samples[0].input_ids is not None:
-        length = max(len(s.input_ids) for s in samples)
         ids, mask = _pad([s.input_ids for s in samples], pad, length)
         inputs["input_ids"], inputs["attention_mask"] = ids.to(device), mask.to(device)
         masks[length] = mask.bool().to(device)
