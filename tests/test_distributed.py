@@ -41,9 +41,10 @@ def _rank(rank: int, world: int, port: int, config: dict, out: str, fail_rank: i
 
 
 def _config(base, adapters, data, **parameters):
+    overlap = parameters.pop("overlap", "auto")
     return {
         "base_model": str(base), "method": parameters.pop("method", "iteris"), "parameters": parameters,
-        "device": "cpu", "dtype": "float64", "progress": False, "calibration": {"batch_size": 2},
+        "device": "cpu", "dtype": "float64", "progress": False, "calibration": {"batch_size": 2, "overlap": overlap},
         "adapters": [{"name": f"a{i}", "path": str(a), "data": str(d)} for i, (a, d) in enumerate(zip(adapters, data))],
     }
 
@@ -54,6 +55,7 @@ def _adapter_weights(path):
 
 @pytest.mark.parametrize("family,parameters", [
     ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4}),
+    ("llama", {"iterations": 2, "alpha1": 0.0, "alpha2": 1e-4, "overlap": "on"}),  # solves on a worker thread
     ("llama", {"iterations": 1, "alpha1": 0.0, "alpha2": 1e-4, "schedule": "sequential"}),
     ("t5", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4}),  # walked whole: every layer's statistics at once
     ("llama", {"method": "regmean"}),

@@ -77,8 +77,7 @@ class Calibration:
         # overlap: a block's solve runs on a worker thread (and, on a GPU, a side stream) while the next
         # block is captured; "on" forces it on the CPU too (same answer, for tests)
         # (one GPU only: on a spread model each GPU's solves already queue behind its own captures)
-        self.overlap = len(self.gpus) <= 1 and ranks is None and (
-            overlap == "on" or (overlap == "auto" and self.device.startswith("cuda")))
+        self.overlap = len(self.gpus) <= 1 and (overlap == "on" or (overlap == "auto" and self.device.startswith("cuda")))
         self._remembered: list[list[dict]] | None = None  # [task][batch] -> group -> projected own rows
         # tokens of every task together (main stream): the size of a sample-space solve
         # (unknown for recorded calls, whose layers see different numbers of rows: decided while capturing)
@@ -187,17 +186,31 @@ class Calibration:
         if self.ranks is not None:
             self.collector.owner = self.ranks.owners({g.name: len(g.members) * g.in_features**3 for g in stage})
 
-    def _timed_solve(self, solve: StageSolve, stage: list[LayerGroup], per_task) -> dict[str, Delta]:
+    def _mine(self, stage: list[LayerGroup], owners: dict[str, int] | None = None) -> list[str]:
+        """The stage's layers this process solves (all of them in a single process); ``owners`` collects
+        who solves each layer."""
+        if self.ranks is None:
+            return [m for g in stage for m in g.members]
+        owner = {m: self.collector.owner[g.name] for g in stage for m in g.members}
+        if owners is not None:
+            owners.update(owner)
+        return [m for m in owner if owner[m] == self.ranks.rank]
+
+    def _share(self, solved: dict[str, Delta], owners: dict[str, int]) -> dict[str, Delta]:
+        """Several processes: every layer's solution on every process, from the one that solved it."""
+        order = [m for g in self.groups for m in g.members if m in owners]
+        return self.ranks.share(solved, owners, order, lambda name: self.layers[name].weight.device)
+
+    def _timed_solve(self, solve: StageSolve, stage: list[LayerGroup], per_task, share: bool = True) -> dict[str, Delta]:
+        """The stage's solves; with several processes each solves the groups whose statistics it received and,
+        unless ``share`` is off (the sweep shares them all at its end), all get every result."""
         _sync(self.gpus)
         start = time.perf_counter()
-        if self.ranks is None:
-            out = solve([m for g in stage for m in g.members], per_task)
-        else:  # each rank solves the groups whose statistics it received, then all ranks get every result
-            owner = {m: self.collector.owner[g.name] for g in stage for m in g.members}
-            mine = [m for g in stage for m in g.members if owner[m] == self.ranks.rank]
-            solved = solve(mine, per_task) if mine else {}
-            out = self.ranks.share(solved, owner, [m for g in stage for m in g.members],
-                                   lambda name: self.layers[name].weight.device)
+        owners: dict[str, int] = {}
+        mine = self._mine(stage, owners)
+        out = solve(mine, per_task) if mine else {}
+        if self.ranks is not None and share:
+            out = self._share(out, owners)
         _sync(self.gpus)
         self.solve_seconds += time.perf_counter() - start
         return out
@@ -280,6 +293,10 @@ class Calibration:
             return forward
 
         overlapped = _OverlappedSolves(self.device) if self.overlap and not sequential else None
+        # several processes, global schedule: the merged model stays as set for the whole sweep, so the solved
+        # layers are shared once, at its end, and the solves need not wait for one another
+        deferred = self.ranks is not None and not sequential
+        owners: dict[str, int] = {}
         try:
             for b, block in enumerate(stack.blocks):
                 groups = by_block.get(b, [])
@@ -310,9 +327,11 @@ class Calibration:
                         _sync(self.gpus)
                     capture += time.perf_counter() - t0
                     if stage and overlapped is not None:
-                        result.update(overlapped.submit(solve, [m for g in stage for m in g.members], per_task))
+                        result.update(overlapped.submit(solve, self._mine(stage, owners), per_task))
                     elif stage:
-                        new = self._timed_solve(solve, stage, per_task)
+                        new = self._timed_solve(solve, stage, per_task, share=not deferred)
+                        if deferred:
+                            self._mine(stage, owners)
                         result.update(new)
                         if sequential:
                             self.set_merged(result)
@@ -327,6 +346,10 @@ class Calibration:
                 bar.update(1)
             if overlapped is not None:
                 result.update(overlapped.finish())
+            if deferred:
+                t0 = time.perf_counter()
+                result = self._share(result, owners)
+                self.solve_seconds += time.perf_counter() - t0
         finally:
             if overlapped is not None:
                 overlapped.close()
