@@ -72,6 +72,36 @@ def build_flux_pipeline(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def build_sd3_pipeline(out: Path, seed: int = 0) -> Path:
+    """An SD3-shaped pipeline: an MMDiT transformer denoiser, two CLIP encoders with projection and a T5."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tok = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer", "gpt2")
+    tok.model_max_length = 12
+    tok3 = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer_3", "t5")
+    tok3.model_max_length = 16
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    )
+    clip = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=12, projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer_2=tok,
+        text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)),
+        tokenizer_3=tok3,
+    ).save_pretrained(out)
+    return out
+
+
 def build_sdxl_pipeline(out: Path, seed: int = 0) -> Path:
     """An SDXL-shaped pipeline: two CLIP text encoders (the second with projection: pooled conditioning) and a
     UNet that adds text and time embeddings (added_cond_kwargs)."""

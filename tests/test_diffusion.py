@@ -409,3 +409,34 @@ def test_awkward_adapter_names_and_lora_bias(tmp_path, pipe_dir, prompts):
     with pytest.raises(IterisError, match="lora_bias"):
         iteris.merge(_write_config(tmp_path, pipe_dir, [{"name": "b", "path": str(tmp_path / "biased")}]),
                      method="task_arithmetic")
+
+
+def test_sd3_transformer_and_two_clip_encoders(tmp_path, prompts):
+    """SD3: LoRAs on the MMDiT denoiser (image and context streams) and on both CLIP encoders; the merged
+    transformer loaded by diffusers computes what the merged one in memory does."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe_dir = pf.build_sd3_pipeline(tmp_path / "sd3")
+    targets = {"transformer": ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_q_proj"),
+               "text_encoder": ("q_proj", "v_proj"), "text_encoder_2": ("q_proj", "fc1")}
+    paths = [pf.save_diffusers_lora(pf.lora_layers(pipe_dir, seed=s, targets=targets), tmp_path / f"l{s}",
+                                    pipeline_class=StableDiffusion3Pipeline) for s in (1, 2)]
+    config = _write_config(tmp_path, pipe_dir, [
+        {"name": "a", "path": str(paths[0]), "data": str(prompts[0])}, {"name": "b", "path": str(paths[1]), "data": str(prompts[1])},
+    ], parameters={"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4})
+    data = yaml.safe_load(config.read_text())
+    data["calibration"].update(guidance_scale=3.5, height=16, width=16, steps=3)
+    config.write_text(yaml.safe_dump(data))
+    result = iteris.merge(config, out=tmp_path / "out")
+    assert set(result.deltas) == {"transformer", "text_encoder", "text_encoder_2"}
+    loaded = _pipeline(pipe_dir)
+    loaded.transformer.load_lora_adapter(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors",
+                                         prefix="transformer", adapter_name="merged")
+    merged = _pipeline(pipe_dir)
+    _add_to_weights(merged.transformer, result.deltas["transformer"])
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 16, 16, generator=gen), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 28, 32, generator=gen), pooled_projections=torch.randn(1, 64, generator=gen),
+                  return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.transformer(**inputs)[0], merged.transformer(**inputs)[0], rtol=1e-4, atol=1e-5)

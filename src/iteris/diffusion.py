@@ -98,9 +98,13 @@ def _state_dict(pipe, file: Path) -> tuple[dict, dict | None, dict | None]:
     else:  # a pickle: tensors only, nothing it carries is executed
         raw = torch.load(file, map_location="cpu", weights_only=True)
         out = cls.lora_state_dict(raw, **options)
-    if not isinstance(out, tuple) or len(out) != 3:
+    # (state, alphas, metadata); loaders without network alphas (SD3-style) give (state, metadata)
+    if isinstance(out, tuple) and len(out) == 3:
+        state, alphas, metadata = out
+    elif isinstance(out, tuple) and len(out) == 2:
+        (state, metadata), alphas = out, None
+    else:
         raise IterisError(f"{cls.__name__}.lora_state_dict returned an unexpected value for '{file}'")
-    state, alphas, metadata = out
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in state):
         raise IterisError(f"'{file}' is a DoRA adapter; only plain LoRA can be merged")
     if any(k.endswith(("lora_B.bias", "lora.up.bias", "lora_up.bias")) for k in state):
