@@ -97,3 +97,22 @@ def test_more_processes_than_samples_is_refused(tmp_path, tiny_family_dir, adapt
     config = _config(tiny_family_dir("llama"), adapters_for("llama"), data, iterations=1)
     with pytest.raises(mp.ProcessRaisedException, match="every process needs at least one"):
         mp.spawn(_rank, args=(2, _free_port(), config, str(tmp_path / "out"), None), nprocs=2, join=True)
+
+
+def test_torchrun_launches_the_cli(tmp_path, tiny_family_dir, adapters_for, calibration_file):
+    """The documented launch: torchrun runs `iteris merge`; rank 0 alone prints and writes."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = [calibration_file("jsonl", n=4, seed=s) for s in (0, 1)]
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(_config(tiny_family_dir("llama"), adapters_for("llama"), data, iterations=1)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+               "-m", "iteris", "merge", str(config), "--out", str(tmp_path / "out"), "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("Written to") == 1 and "Ran as 2 processes (gloo)" in done.stdout
+    assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["distributed"]["world_size"] == 2
