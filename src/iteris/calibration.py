@@ -96,9 +96,7 @@ class Calibration:
                     "cannot be walked block by block; set calibration.walk: auto (or model)"
                 )
         self.collector = StatsCollector(model, layers, self.groups, self.injector, stats_dtype)
-        if ranks is not None:
-            self.collector.reduce = ranks.sum_to
-            self.collector.rank = ranks.rank
+        self.collector.ranks = ranks
 
     def _on_model(self, overrides: dict) -> dict:
         """modules_to_save tensors moved once, not at every block call."""
@@ -201,15 +199,16 @@ class Calibration:
         order = [m for g in self.groups for m in g.members if m in owners]
         return self.ranks.share(solved, owners, order, lambda name: self.layers[name].weight.device)
 
-    def _timed_solve(self, solve: StageSolve, stage: list[LayerGroup], per_task, share: bool = True) -> dict[str, Delta]:
-        """The stage's solves; with several processes each solves the groups whose statistics it received and,
-        unless ``share`` is off (the sweep shares them all at its end), all get every result."""
+    def _timed_solve(self, solve: StageSolve, stage: list[LayerGroup], per_task,
+                     deferred: dict[str, int] | None = None) -> dict[str, Delta]:
+        """The stage's solves; with several processes each solves the groups whose statistics it received and
+        all get every result, unless ``deferred`` collects who solved what (the sweep shares them at its end)."""
         _sync(self.gpus)
         start = time.perf_counter()
-        owners: dict[str, int] = {}
+        owners: dict[str, int] = {} if deferred is None else deferred
         mine = self._mine(stage, owners)
         out = solve(mine, per_task) if mine else {}
-        if self.ranks is not None and share:
+        if self.ranks is not None and deferred is None:
             out = self._share(out, owners)
         _sync(self.gpus)
         self.solve_seconds += time.perf_counter() - start
@@ -221,8 +220,8 @@ class Calibration:
         bar = tqdm(total=sum(map(len, task_batches)), desc=f"{label}: capture", disable=not self.progress, leave=False,
                    unit="batch")
         start = time.perf_counter()
+        self._assign(self.groups)
         for i, task in enumerate(task_batches):
-            self._assign(self.groups)
             self.collector.start(names, proj[i], **options)
             for batch in task:
                 with self.injector.use(f"own:{i}", self._own_overrides[i]):
@@ -306,8 +305,8 @@ class Calibration:
                     stop_at = None if last else stages[s + 1][0].name
                     t0 = time.perf_counter()
                     per_task = []
+                    self._assign(stage)
                     for i, task in enumerate(task_batches):
-                        self._assign(stage)
                         self.collector.start([g.name for g in stage], proj[i], stop_at=stop_at, store=self._store,
                                              **options)
                         for j, batch in enumerate(task):
@@ -329,9 +328,7 @@ class Calibration:
                     if stage and overlapped is not None:
                         result.update(overlapped.submit(solve, self._mine(stage, owners), per_task))
                     elif stage:
-                        new = self._timed_solve(solve, stage, per_task, share=not deferred)
-                        if deferred:
-                            self._mine(stage, owners)
+                        new = self._timed_solve(solve, stage, per_task, owners if deferred else None)
                         result.update(new)
                         if sequential:
                             self.set_merged(result)

@@ -335,11 +335,10 @@ class StatsCollector:
         self._recall_pos: dict[str, int] = {}
         self._store = lambda t: t
         self._group_of = {m: g.name for g in groups for m in g.members}
-        # several processes: sums each rank's raw statistics into the rank that solves their group (``Ranks.sum_to``),
-        # with ``owner`` (group -> rank) set for the groups being gathered; the other ranks drop them
-        self.reduce = None
+        # several processes (distributed.Ranks): each rank's raw statistics are summed into the rank that solves
+        # their group, ``owner`` (group -> rank) being set for the groups gathered; the other ranks drop them
+        self.ranks = None
         self.owner: dict[str, int] = {}
-        self.rank = 0
         # Registered after the injector's hooks, so output hooks see the adapter's update already added.
         self._handles = [layers[g.name].register_forward_pre_hook(self._input_hook(g)) for g in groups]
         self._handles += [m.register_forward_hook(self._output_hook(name)) for name, m in layers.items()]
@@ -549,7 +548,7 @@ class StatsCollector:
         stats, self._stats = self._stats, {}
         self._stash.clear()
         self._masks = {}
-        if self.reduce is not None:
+        if self.ranks is not None:
             self._sum_over_ranks(stats)
         for group_name, st in stats.items():
             parts = self._parts.pop(group_name, None)
@@ -594,9 +593,9 @@ class StatsCollector:
             out_norms = [self._out_sq[n] for n in sorted(self._out_sq) if self._group_of[n] == g]
             by_rank.setdefault(self.owner[g], []).extend(
                 [t for t in (st.gram, st.cross, st.proj.get("")) if t is not None] + out_norms + [tokens[g]])
-        self.reduce(by_rank)
+        self.ranks.sum_to(by_rank)
         for g in names:
-            if self.owner[g] != self.rank:  # another rank solves this group: its partial sums are not needed
+            if self.owner[g] != self.ranks.rank:  # another rank solves this group: its partial sums are not needed
                 del stats[g]
                 for n in [n for n in self._out_sq if self._group_of[n] == g]:
                     del self._out_sq[n]

@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import IterisError
+from .vision import ImageSample, auto_class_name, image_batches, is_vision_config, make_image_batch
 
 # PEFT task_type -> transformers auto class (the class the adapter was trained on fixes module paths).
 _AUTO_CLASSES = {
@@ -74,8 +75,6 @@ def _auto_class(path: str, task_type: str | None, extra_tensors: dict):
         config = transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise IterisError(f"cannot load base model config from '{path}': {exc}") from None
-    from .vision import auto_class_name, is_vision_config
-
     # models that read images are loaded in their own class whatever task_type their adapters were given
     auto_name = auto_class_name(config) if is_vision_config(config) else _AUTO_CLASSES.get(task_type or "")
     if auto_name is None:
@@ -265,8 +264,6 @@ def make_batch(samples: list[TokenSample] | list[CallSample], pad_id: int, devic
             raise ValueError("recorded calls run one per batch")
         call = samples[0]
         return Batch(inputs=call.kwargs, masks={}, args=call.args, merged=call.merged, unmasked_rows=True)
-    from .vision import ImageSample, make_image_batch
-
     if isinstance(samples[0], ImageSample):
         return make_image_batch(samples, pad_id, device)
     enc_len = max(len(s.input_ids) for s in samples)
@@ -288,8 +285,6 @@ def make_batch(samples: list[TokenSample] | list[CallSample], pad_id: int, devic
 
 
 def batches(samples: list[TokenSample] | list[CallSample], batch_size: int, pad_id: int, device: str):
-    from .vision import ImageSample, image_batches
-
     if samples and isinstance(samples[0], ImageSample):
         for group in image_batches(samples, batch_size):
             yield make_batch(group, pad_id, device)
