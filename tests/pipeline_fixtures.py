@@ -17,8 +17,7 @@ def build_pipeline(out: Path, dtype=torch.float32, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tok = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer", "gpt2")
-    tok.model_max_length = 12
+    tok = _tokenizer(out, "tokenizer", "gpt2", 12)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
@@ -42,15 +41,35 @@ def build_pipeline(out: Path, dtype=torch.float32, seed: int = 0) -> Path:
     return out
 
 
+def _tokenizer(out: Path, suffix: str, kind: str, max_length: int):
+    tok = fx.make_tokenizer(out.parent / f"_{out.name}_{suffix}", kind)
+    tok.model_max_length = max_length
+    return tok
+
+
+def _t5_encoder(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+
+
+def _flow_vae(latent_channels: int):
+    """The one-level VAE of the flow-matching pipelines (only its latent shape matters)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+
+
 def build_flux_pipeline(out: Path, seed: int = 0) -> Path:
     """A Flux-shaped pipeline: a transformer denoiser (double- and single-stream blocks), CLIP and T5 encoders."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    tok = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer", "gpt2")
-    tok.model_max_length = 12
-    tok2 = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer_2", "t5")
-    tok2.model_max_length = 16
+    tok, tok2 = _tokenizer(out, "tokenizer", "gpt2", 12), _tokenizer(out, "tokenizer_2", "t5", 16)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
@@ -60,27 +79,19 @@ def build_flux_pipeline(out: Path, seed: int = 0) -> Path:
         vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=12, projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1,
     ))
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
-        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-    )
     FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tok,
-        text_encoder_2=text_encoder_2, tokenizer_2=tok2, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(latent_channels=1), text_encoder=text_encoder,
+        tokenizer=tok, text_encoder_2=_t5_encoder(len(tok2)), tokenizer_2=tok2, transformer=transformer,
     ).save_pretrained(out)
     return out
 
 
 def build_sd3_pipeline(out: Path, seed: int = 0) -> Path:
     """An SD3-shaped pipeline: an MMDiT transformer denoiser, two CLIP encoders with projection and a T5."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    tok = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer", "gpt2")
-    tok.model_max_length = 12
-    tok3 = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer_3", "t5")
-    tok3.model_max_length = 16
+    tok, tok3 = _tokenizer(out, "tokenizer", "gpt2", 12), _tokenizer(out, "tokenizer_3", "t5", 16)
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
@@ -88,16 +99,11 @@ def build_sd3_pipeline(out: Path, seed: int = 0) -> Path:
     )
     clip = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=12, projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
-        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-    )
     StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(latent_channels=4), transformer=transformer,
         text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer=tok,
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer_2=tok,
-        text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)),
-        tokenizer_3=tok3,
+        text_encoder_3=_t5_encoder(len(tok3)), tokenizer_3=tok3,
     ).save_pretrained(out)
     return out
 
@@ -108,8 +114,7 @@ def build_sdxl_pipeline(out: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    tok = fx.make_tokenizer(out.parent / f"_{out.name}_tokenizer", "gpt2")
-    tok.model_max_length = 12
+    tok = _tokenizer(out, "tokenizer", "gpt2", 12)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,

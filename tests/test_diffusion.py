@@ -97,15 +97,26 @@ def test_recorded_steps_and_prompt_batches(tmp_path, prompts):
     assert sorted(p for b in dog_batches for p in b) == ["a blue dog", "a dog", "a dog running"]
 
 
-def _write_config(tmp_path, pipe_dir, adapters, **extra):
+def _write_config(tmp_path, pipe_dir, adapters, calibration=None, **extra):
     config = {
         "base_model": str(pipe_dir), "adapters": adapters, "device": "cpu", "progress": False,
-        "calibration": {"steps": 4, "timesteps": 2, "seeds": [0, 1], "batch_size": 2, "guidance_scale": 5.0},
+        "calibration": {"steps": 4, "timesteps": 2, "seeds": [0, 1], "batch_size": 2, "guidance_scale": 5.0,
+                        **(calibration or {})},
         **extra,
     }
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def _loaded_and_merged(pipe_dir, out, component, deltas):
+    """The component as diffusers loads it from the merged LoRA file, and as the merge computed it in memory."""
+    loaded = getattr(_pipeline(pipe_dir), component)
+    loaded.load_lora_adapter(str(out), weight_name="pytorch_lora_weights.safetensors", prefix=component,
+                             adapter_name="merged")
+    merged = getattr(_pipeline(pipe_dir), component)
+    _add_to_weights(merged, deltas)
+    return loaded, merged
 
 
 def _add_to_weights(module, deltas):
@@ -144,13 +155,9 @@ def test_merged_lora_loads_in_diffusers_and_reproduces_the_merged_denoiser(tmp_p
     assert set(ranks.values()) == {4}  # exact: the sum of the two adapters' ranks
 
     # the denoiser that diffusers loads from the file computes what the merged denoiser in memory computes
-    loaded = _pipeline(pipe_dir)
-    loaded.unet.load_lora_adapter(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors",
-                                  prefix="unet", adapter_name="merged")
-    merged = _pipeline(pipe_dir)
-    _add_to_weights(merged.unet, result.deltas["unet"])
-    torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(merged.unet), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(_unet_output(loaded.unet), _unet_output(_pipeline(pipe_dir).unet), atol=1e-3)
+    loaded, merged = _loaded_and_merged(pipe_dir, tmp_path / "out", "unet", result.deltas["unet"])
+    torch.testing.assert_close(_unet_output(loaded), _unet_output(merged), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(_unet_output(loaded), _unet_output(_pipeline(pipe_dir).unet), atol=1e-3)
     # the text encoder's part is written as diffusers writes it, with the scale folded in (alpha = r)
     with safe_open(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -192,10 +199,8 @@ def test_pipeline_merge_equals_a_float64_reference(tmp_path, prompts):
     config = _write_config(tmp_path, pipe_dir, [
         {"name": "cube", "path": str(paths[0]), "data": str(prompts[0])},
         {"name": "dog", "path": str(paths[1]), "data": str(prompts[1])},
-    ], parameters={"iterations": 1, "alpha1": alpha, "alpha2": alpha}, dtype="float64")
-    config_data = yaml.safe_load(config.read_text())
-    config_data["calibration"].update(steps=3, timesteps=2, seeds=[0])
-    config.write_text(yaml.safe_dump(config_data))
+    ], parameters={"iterations": 1, "alpha1": alpha, "alpha2": alpha}, dtype="float64",
+        calibration={"steps": 3, "timesteps": 2, "seeds": [0]})
     ours = iteris.merge(config).deltas
 
     # the reference: weights written into copies, every feature kept, dense solves
@@ -328,25 +333,19 @@ def test_flux_transformer_denoiser(tmp_path, prompts):
                                     tmp_path / "b", pipeline_class=FluxPipeline)
     config = _write_config(tmp_path, pipe_dir, [
         {"name": "a", "path": str(first), "data": str(prompts[0])}, {"name": "b", "path": str(second), "data": str(prompts[1])},
-    ], parameters={"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4})
-    data = yaml.safe_load(config.read_text())
-    data["calibration"].update(guidance_scale=3.5, height=16, width=16, steps=3)
-    config.write_text(yaml.safe_dump(data))
+    ], parameters={"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4},
+        calibration={"guidance_scale": 3.5, "height": 16, "width": 16, "steps": 3})
     result = iteris.merge(config, out=tmp_path / "out")
     assert result.report["pipeline"] == "FluxPipeline"
     assert set(result.deltas) == {"text_encoder", "transformer"}
     assert result.report["components"]["transformer"]["calibration"]["calls"] == [8, 8]  # 2 batches x 2 seeds x 2 steps
-    loaded = _pipeline(pipe_dir)
-    loaded.transformer.load_lora_adapter(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors",
-                                         prefix="transformer", adapter_name="merged")
-    merged = _pipeline(pipe_dir)
-    _add_to_weights(merged.transformer, result.deltas["transformer"])
+    loaded, merged = _loaded_and_merged(pipe_dir, tmp_path / "out", "transformer", result.deltas["transformer"])
     gen = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 64, 4, generator=gen), timestep=torch.tensor([0.5]),
                   pooled_projections=torch.randn(1, 32, generator=gen), encoder_hidden_states=torch.randn(1, 16, 32, generator=gen),
                   txt_ids=torch.zeros(16, 3), img_ids=torch.zeros(64, 3), return_dict=False)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.transformer(**inputs)[0], merged.transformer(**inputs)[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loaded(**inputs)[0], merged(**inputs)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_sdxl_two_text_encoders_and_added_conditioning(tmp_path, prompts):
@@ -360,10 +359,7 @@ def test_sdxl_two_text_encoders_and_added_conditioning(tmp_path, prompts):
                                     pipeline_class=StableDiffusionXLPipeline) for s in (1, 2)]
     config = _write_config(tmp_path, pipe_dir, [
         {"name": "a", "path": str(paths[0]), "data": str(prompts[0])}, {"name": "b", "path": str(paths[1]), "data": str(prompts[1])},
-    ], parameters={"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4})
-    data = yaml.safe_load(config.read_text())
-    data["calibration"].update(height=16, width=16, steps=3)
-    config.write_text(yaml.safe_dump(data))
+    ], parameters={"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4}, calibration={"height": 16, "width": 16, "steps": 3})
     result = iteris.merge(config, out=tmp_path / "out")
     assert set(result.deltas) == {"text_encoder", "text_encoder_2", "unet"}
     with safe_open(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"), "pt") as f:
@@ -423,20 +419,14 @@ def test_sd3_transformer_and_two_clip_encoders(tmp_path, prompts):
                                     pipeline_class=StableDiffusion3Pipeline) for s in (1, 2)]
     config = _write_config(tmp_path, pipe_dir, [
         {"name": "a", "path": str(paths[0]), "data": str(prompts[0])}, {"name": "b", "path": str(paths[1]), "data": str(prompts[1])},
-    ], parameters={"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4})
-    data = yaml.safe_load(config.read_text())
-    data["calibration"].update(guidance_scale=3.5, height=16, width=16, steps=3)
-    config.write_text(yaml.safe_dump(data))
+    ], parameters={"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4},
+        calibration={"guidance_scale": 3.5, "height": 16, "width": 16, "steps": 3})
     result = iteris.merge(config, out=tmp_path / "out")
     assert set(result.deltas) == {"transformer", "text_encoder", "text_encoder_2"}
-    loaded = _pipeline(pipe_dir)
-    loaded.transformer.load_lora_adapter(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors",
-                                         prefix="transformer", adapter_name="merged")
-    merged = _pipeline(pipe_dir)
-    _add_to_weights(merged.transformer, result.deltas["transformer"])
+    loaded, merged = _loaded_and_merged(pipe_dir, tmp_path / "out", "transformer", result.deltas["transformer"])
     gen = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 4, 16, 16, generator=gen), timestep=torch.tensor([500.0]),
                   encoder_hidden_states=torch.randn(1, 28, 32, generator=gen), pooled_projections=torch.randn(1, 64, generator=gen),
                   return_dict=False)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.transformer(**inputs)[0], merged.transformer(**inputs)[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loaded(**inputs)[0], merged(**inputs)[0], rtol=1e-4, atol=1e-5)
