@@ -110,6 +110,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--alpha1", type=float, default=0.0)
     parser.add_argument("--weak", action="store_true", help="samples per adapter grow with the process count")
+    parser.add_argument("--splits", default="auto",
+                        help="comma-separated calibration.split values to run on more than one process (auto, adapters, samples)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -125,27 +127,31 @@ def main():
         save_model(args.size, root / "base", device)
         torch.cuda.empty_cache() if cuda else None
         reference = None
-        for n in procs:
+        runs = [(n, split) for n in procs for split in (args.splits.split(",") if n > 1 else ["-"])]
+        for n, split in runs:
             samples = args.samples * (n if args.weak else 1)
             data = write_data(root, 4, samples, args.tokens)
             config = {
                 "base_model": str(root / "base"), "method": "iteris", "progress": False, "dtype": "bfloat16" if cuda else "float32",
                 "parameters": {"iterations": args.iterations, "alpha1": args.alpha1, "alpha2": 1e-7},
-                "calibration": {"samples": samples, "max_length": args.tokens + 1, "batch_size": 8},
+                "calibration": {"samples": samples, "max_length": args.tokens + 1, "batch_size": 8,
+                                "split": "auto" if split == "-" else split},
                 "adapters": [{"name": f"a{i}", "path": str(root / f"adapter{i}"), "data": str(d)} for i, d in enumerate(data)],
             }
-            path = root / f"merge_{n}.yaml"
+            path = root / f"merge_{n}_{split}.yaml"
             path.write_text(json.dumps(config))
-            out = root / f"out_{n}"
+            out = root / f"out_{n}_{split}"
             wall = run(n, path, out)
             report = json.loads((out / "merge_report.json").read_text())
             ranks = report.get("distributed", {}).get("ranks") or [{"timings": report["timings"], "bytes_communicated": 0,
-                                                                   "communication_seconds": 0.0}]
+                                                                   "communication_seconds": 0.0,
+                                                                   "peak_memory": report["peak_memory"]}]
             slowest = max(ranks, key=lambda r: r["timings"]["total"])
-            row = {"procs": n, "samples_per_adapter": samples, "wall_s": wall, "load_s": slowest["timings"]["load"],
+            row = {"procs": n, "split": report.get("distributed", {}).get("split", "-"), "samples_per_adapter": samples, "wall_s": wall, "load_s": slowest["timings"]["load"],
                    "capture_s": slowest["timings"].get("capture"), "solve_s": slowest["timings"].get("solve"),
                    "merge_s": slowest["timings"]["total"], "bytes_per_rank": max(r["bytes_communicated"] for r in ranks),
-                   "communication_s": max(r["communication_seconds"] for r in ranks)}
+                   "communication_s": max(r["communication_seconds"] for r in ranks),
+                   "peak_gib": max(r["peak_memory"].get("cuda_max_allocated_mb", 0.0) for r in ranks) / 1024}
             if reference is None:
                 reference = (out, wall, samples)
             else:
@@ -157,11 +163,12 @@ def main():
     kind = "weak" if args.weak else "strong"
     print(f"{kind} scaling, {args.size}, 4 adapters, {args.tokens + 1} tokens per sample, {args.iterations} iterations, "
           f"alpha1 {args.alpha1:g}")
-    print("procs | samples/adapter | wall s | load s | capture s | solve s | merge s | MiB per rank | comm s | speed-up | efficiency | rel. diff vs first")
+    print("procs | split | samples/adapter | wall s | load s | capture s | solve s | merge s | MiB per rank | comm s | "
+          "peak GiB per GPU | speed-up | efficiency | rel. diff vs first")
     for r in rows:
-        print(" | ".join([str(r["procs"]), str(r["samples_per_adapter"]), f"{r['wall_s']:.1f}", f"{r['load_s']:.1f}",
+        print(" | ".join([str(r["procs"]), r["split"], str(r["samples_per_adapter"]), f"{r['wall_s']:.1f}", f"{r['load_s']:.1f}",
                           f"{r['capture_s'] or 0:.1f}", f"{r['solve_s'] or 0:.1f}", f"{r['merge_s']:.1f}",
-                          f"{r['bytes_per_rank'] / 2**20:.1f}", f"{r['communication_s']:.2f}", f"{r['speedup']:.2f}",
+                          f"{r['bytes_per_rank'] / 2**20:.1f}", f"{r['communication_s']:.2f}", f"{r['peak_gib']:.1f}", f"{r['speedup']:.2f}",
                           f"{r['efficiency']:.0%}", f"{r['rel_diff_vs_1']:.1e}" if r.get("rel_diff_vs_1") is not None else "-"]))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -41,10 +41,10 @@ def _rank(rank: int, world: int, port: int, config: dict, out: str, fail_rank: i
 
 
 def _config(base, adapters, data, **parameters):
-    overlap = parameters.pop("overlap", "auto")
+    calibration = {"batch_size": 2, "overlap": parameters.pop("overlap", "auto"), "split": parameters.pop("split", "auto")}
     return {
         "base_model": str(base), "method": parameters.pop("method", "iteris"), "parameters": parameters,
-        "device": "cpu", "dtype": "float64", "progress": False, "calibration": {"batch_size": 2, "overlap": overlap},
+        "device": "cpu", "dtype": "float64", "progress": False, "calibration": calibration,
         "adapters": [{"name": f"a{i}", "path": str(a), "data": str(d)} for i, (a, d) in enumerate(zip(adapters, data))],
     }
 
@@ -53,12 +53,18 @@ def _adapter_weights(path):
     return load_file(str(path / "adapter_model.safetensors"))
 
 
+# split "adapters": each rank captures one adapter whole (statistics sent to the solving rank); "samples": each
+# rank a share of both adapters' samples (raw sums reduced)
 @pytest.mark.parametrize("family,parameters", [
-    ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4}),
+    ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4, "split": "adapters"}),
+    ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4, "split": "samples"}),
     ("llama", {"iterations": 2, "alpha1": 0.0, "alpha2": 1e-4, "overlap": "on"}),  # solves on a worker thread
-    ("llama", {"iterations": 1, "alpha1": 0.0, "alpha2": 1e-4, "schedule": "sequential"}),
-    ("t5", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4}),  # walked whole: every layer's statistics at once
-    ("llama", {"method": "regmean"}),
+    ("llama", {"iterations": 1, "alpha1": 0.0, "alpha2": 1e-4, "schedule": "sequential", "split": "adapters"}),
+    ("llama", {"iterations": 1, "alpha1": 0.0, "alpha2": 1e-4, "schedule": "sequential", "split": "samples"}),
+    # walked whole: every layer's statistics at once
+    ("t5", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4, "split": "adapters"}),
+    ("t5", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4, "split": "samples"}),
+    ("llama", {"method": "regmean", "split": "adapters"}),
 ])
 def test_two_processes_give_the_single_process_merge(tmp_path, tiny_family_dir, adapters_for, calibration_file,
                                                      family, parameters):
@@ -74,6 +80,8 @@ def test_two_processes_give_the_single_process_merge(tmp_path, tiny_family_dir, 
     report = json.loads((tmp_path / "spread" / "merge_report.json").read_text())
     ranks = report["distributed"]["ranks"]
     assert report["distributed"]["world_size"] == 2 and [r["rank"] for r in ranks] == [0, 1]
+    split = config["calibration"]["split"]
+    assert report["distributed"]["split"] == ("adapters" if split == "auto" else split)
     assert all(r["bytes_communicated"] > 0 for r in ranks)
     assert single.report["adapters"][0]["samples"] == report["adapters"][0]["samples"] == 5
     if "adaptive_weights" in single.report:  # every layer's, gathered from the rank that solved it
@@ -94,7 +102,7 @@ def test_a_failing_rank_fails_the_run_and_leaves_no_output(tmp_path, tiny_family
 
 def test_more_processes_than_samples_is_refused(tmp_path, tiny_family_dir, adapters_for, calibration_file):
     data = [calibration_file("jsonl", n=1, seed=s) for s in (0, 1)]
-    config = _config(tiny_family_dir("llama"), adapters_for("llama"), data, iterations=1)
+    config = _config(tiny_family_dir("llama"), adapters_for("llama"), data, iterations=1, split="samples")
     with pytest.raises(mp.ProcessRaisedException, match="every process needs at least one"):
         mp.spawn(_rank, args=(2, _free_port(), config, str(tmp_path / "out"), None), nprocs=2, join=True)
 
@@ -116,3 +124,16 @@ def test_torchrun_launches_the_cli(tmp_path, tiny_family_dir, adapters_for, cali
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("Written to") == 1 and "Ran as 2 processes (gloo)" in done.stdout
     assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["distributed"]["world_size"] == 2
+
+
+def test_adapters_are_dealt_out_by_size_and_split_falls_back_to_samples():
+    from iteris.distributed import Ranks
+    from iteris.errors import IterisError
+
+    two = Ranks(rank=0, world=2, device="cpu", backend="gloo")
+    assert two.holders([10, 30, 20, 20], "adapters") == [0, 0, 1, 1]  # 30 + 10 | 20 + 20 tokens
+    assert two.holders([10, 30, 20, 20], "auto") == [0, 0, 1, 1]
+    assert two.holders([10, 30, 20], "auto") == [None] * 3  # 3 adapters, 2 ranks: each a share of every one
+    assert two.holders([10, 30, 20, 20], "samples") == [None] * 4
+    with pytest.raises(IterisError, match="set calibration.split: samples"):
+        Ranks(rank=0, world=4, device="cpu", backend="gloo").holders([10, 30, 20], "adapters")

@@ -54,10 +54,17 @@ class Calibration:
         overlap: str = "auto",
         offload_stats: bool = False,
         ranks=None,
+        split: str = "auto",
     ):
         self.ranks = ranks  # distributed.Ranks when several processes share the merge
+        self.holders: list[int | None] | None = None  # which rank captures each adapter whole (None: all, a share each)
+        probe_sample = task_samples[0][:1]
         if ranks is not None:
-            task_samples = [ranks.shard(s, f"adapter '{n}'") for s, n in zip(task_samples, task_names)]
+            self.holders = ranks.holders([_size(s) for s in task_samples], split)
+            task_samples = [
+                ranks.shard(s, f"adapter '{n}'") if h is None else (s if h == ranks.rank else [])
+                for s, n, h in zip(task_samples, task_names, self.holders)
+            ]
         self.model = model
         self.layers = layers
         self.task_samples = task_samples
@@ -83,7 +90,7 @@ class Calibration:
         # (unknown for recorded calls, whose layers see different numbers of rows: decided while capturing)
         self._total_tokens = (sum(len(s.input_ids) for samples in task_samples for s in samples)
                               if all(isinstance(s, TokenSample) for t in task_samples for s in t) else None)
-        probe = make_batch(task_samples[0][:1], pad_id, self.device)
+        probe = make_batch(probe_sample, pad_id, self.device)
         self.groups = find_groups(model, layers, probe)
         self.group_of = {m: g.name for g in self.groups for m in g.members}
         self._group_by_name = {g.name: g for g in self.groups}
@@ -230,7 +237,7 @@ class Calibration:
                     with self.injector.use("merged", self.merged_overrides[i]):
                         self.collector.merged_pass(lambda: run_forward(self.model, batch, merged=True), batch)
                 bar.update(1)
-            per_task.append(self._finished())
+            per_task.append(self._finished(i))
         _sync(self.gpus)
         self.capture_seconds += time.perf_counter() - start
         bar.close()
@@ -240,10 +247,10 @@ class Calibration:
         """A state kept between blocks: in place, or (offload_states) in CPU memory."""
         return _to_host(hidden) if self.offload_states else hidden
 
-    def _finished(self) -> dict[str, GroupStats]:
+    def _finished(self, task: int) -> dict[str, GroupStats]:
         """The collector's statistics for one task; with offload_stats, moved to CPU memory at once, so the
         GPU holds one task's statistics while capturing and one group's while solving."""
-        stats = self.collector.finish()
+        stats = self.collector.finish(self.holders[task] if self.holders else None)
         if self.offload_stats:
             for st in stats.values():
                 _map_tensors(st, _to_host)
@@ -296,6 +303,8 @@ class Calibration:
         # layers are shared once, at its end, and the solves need not wait for one another
         deferred = self.ranks is not None and not sequential
         owners: dict[str, int] = {}
+        if deferred:  # solvers dealt out over the whole sweep, not stage by stage: blocks' costs differ little,
+            self._assign(self.groups)  # their groups' a lot (one down_proj costs as much as all else in a block)
         try:
             for b, block in enumerate(stack.blocks):
                 groups = by_block.get(b, [])
@@ -305,7 +314,8 @@ class Calibration:
                     stop_at = None if last else stages[s + 1][0].name
                     t0 = time.perf_counter()
                     per_task = []
-                    self._assign(stage)
+                    if not deferred:
+                        self._assign(stage)
                     for i, task in enumerate(task_batches):
                         self.collector.start([g.name for g in stage], proj[i], stop_at=stop_at, store=self._store,
                                              **options)
@@ -321,7 +331,7 @@ class Calibration:
                                 out = self.collector.merged_pass(forward, batch, self._remembered[i][j] if recall else None)
                                 if last and not sequential:
                                     call.hidden = self._store(out)
-                        per_task.append(self._finished())
+                        per_task.append(self._finished(i))
                     if overlapped is None:
                         _sync(self.gpus)
                     capture += time.perf_counter() - t0
@@ -362,6 +372,11 @@ class Calibration:
         self._remembered = None
         self.collector.remove()
         self.injector.remove()
+
+
+def _size(samples: list) -> int:
+    """An adapter's share of the capture work: its tokens (its samples, for recorded calls)."""
+    return sum(len(s.input_ids) + len(s.decoder_ids or []) if isinstance(s, TokenSample) else 1 for s in samples)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -237,7 +237,7 @@ class GroupStats:
     gram: torch.Tensor | None
     cross: torch.Tensor | None
     proj: dict[str, torch.Tensor] = field(default_factory=dict)
-    tokens: int = 0
+    tokens: int | torch.Tensor = 0  # (a 0-dim tensor where summed over or sent between processes)
     same_inputs: bool = False  # X~ == X (no merged model yet): cross == gram
     cross_norm: torch.Tensor | None = None  # ||X^T Xh||_F (0-dim float64), when the cross term was gathered
     out_sq: dict[str, float] = field(default_factory=dict)
@@ -335,6 +335,7 @@ class StatsCollector:
         self._recall_pos: dict[str, int] = {}
         self._store = lambda t: t
         self._group_of = {m: g.name for g in groups for m in g.members}
+        self._group_by_name = {g.name: g for g in groups}
         # several processes (distributed.Ranks): each rank's raw statistics are summed into the rank that solves
         # their group, ``owner`` (group -> rank) being set for the groups gathered; the other ranks drop them
         self.ranks = None
@@ -544,11 +545,14 @@ class StatsCollector:
             self._stash.clear()
             self._recall = None
 
-    def finish(self) -> dict[str, GroupStats]:
+    def finish(self, holder: int | None = None) -> dict[str, GroupStats]:
+        """The task's statistics. Several processes: those of the groups this rank solves, complete: summed over
+        the ranks (``holder`` None: each captured a share of the samples) or sent by the rank that captured the
+        whole task (``holder``)."""
         stats, self._stats = self._stats, {}
         self._stash.clear()
         self._masks = {}
-        if self.ranks is not None:
+        if self.ranks is not None and holder is None:
             self._sum_over_ranks(stats)
         for group_name, st in stats.items():
             parts = self._parts.pop(group_name, None)
@@ -575,9 +579,62 @@ class StatsCollector:
                 st.cross = None  # only its norm was needed: free d_in^2 per group now
         for name, value in self._out_sq.items():
             stats[self._group_of[name]].out_sq[name] = float(value)
+        if self.ranks is not None and holder is not None:
+            self._pass_to_owners(stats, holder)
         self._projections = {}
         self._out_sq = {}
         return stats
+
+    def _pass_to_owners(self, stats: dict[str, GroupStats], holder: int) -> None:
+        """A task captured whole on rank ``holder``: each of its groups' finished statistics sent to the rank
+        that solves the group (and dropped here), received there into statistics of the same layout."""
+        me = self.ranks.rank
+        sends, recvs, received = [], [], []
+        for name in sorted(self._active):
+            owner = self.owner[name]
+            if owner == holder:
+                continue
+            if me == holder:
+                sends += [(t, owner) for t in self._wire(stats.pop(name), name)]
+            elif me == owner:
+                st = GroupStats(gram=None, cross=None, same_inputs=not self._paired)
+                stats[name] = st
+                wire = self._wire(st, name, blank=True)
+                recvs += [(t, holder) for t in wire]
+                received.append((st, name, wire[-1]))
+        self.ranks.exchange(sends, recvs)
+        for st, name, scalars in received:  # kept as 0-dim tensors: read (a host sync) only where solved
+            st.tokens, rest = scalars[0], list(scalars[1:])
+            if self._want_cross:
+                st.cross_norm = rest.pop(0)
+            if self._out_norms:
+                st.out_sq = dict(zip(self._group_by_name[name].members, rest))
+
+    def _wire(self, st: GroupStats, name: str, blank: bool = False) -> list[torch.Tensor]:
+        """A finished group's statistics as the tensors that travel, in a fixed order; ``blank``: empty ones of
+        that layout (set on ``st``) to receive into. The scalars (tokens, ||X^T Xh||, output norms) go as one."""
+        group = self._group_by_name[name]
+        device = self.layers[name].weight.device
+        d, dtype = group.in_features, self.stats_dtype
+        if blank:
+            st.gram = torch.empty(d, d, dtype=dtype, device=device)
+            if self._keep_cross:
+                st.cross = torch.empty(d, d, dtype=dtype, device=device)
+            if name in self._projections:
+                members, ranks = self._projections[name][:2]
+                st.proj = {m: torch.empty(r, d, dtype=dtype, device=device) for m, r in zip(members, ranks)}
+        n_scalars = 1 + self._want_cross + (len(group.members) if self._out_norms else 0)
+        if blank:
+            scalars = torch.empty(n_scalars, dtype=torch.float64, device=device)
+        else:
+            values = [torch.tensor(float(st.tokens), dtype=torch.float64, device=device)]
+            if self._want_cross:
+                values.append(st.cross_norm.to(device=device, dtype=torch.float64).reshape(()))
+            if self._out_norms:
+                values += [torch.tensor(st.out_sq[m], dtype=torch.float64, device=device) for m in group.members]
+            scalars = torch.stack(values)
+        tensors = [st.gram] + ([st.cross] if self._keep_cross else []) + list(st.proj.values())
+        return [t if t.dtype == dtype else t.to(dtype) for t in tensors] + [scalars]
 
     def _sum_over_ranks(self, stats: dict[str, GroupStats]) -> None:
         """The raw sums (Grams, cross terms, projected cross terms, output norms, token counts) over all
@@ -600,7 +657,7 @@ class StatsCollector:
                 for n in [n for n in self._out_sq if self._group_of[n] == g]:
                     del self._out_sq[n]
             else:
-                stats[g].tokens = int(tokens[g].item())
+                stats[g].tokens = tokens[g][0]  # a 0-dim tensor: read (a host sync) only where solved
 
     @staticmethod
     def _cross_norm(st: GroupStats, own_rows: torch.Tensor | None) -> torch.Tensor:

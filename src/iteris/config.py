@@ -29,6 +29,10 @@ class CalibrationConfig:
     offload_states: bool = False  # keep the block-boundary hidden states in CPU memory (GPU memory flat in samples)
     overlap: str = "auto"  # solve each block while the next is captured (global schedule); auto: on a GPU
     offload_stats: bool = False  # keep finished statistics in CPU memory; a layer group's return to the GPU for its solve
+    # several processes (torchrun): adapters = each process captures whole adapters (only finished statistics
+    # travel, to the process solving their layer); samples = each a share of every adapter's samples (raw sums
+    # reduced); auto = adapters when their number is a multiple of the processes'
+    split: str = "auto"
     # diffusion pipelines: each adapter's prompts are sampled by the pipeline itself (its scheduler, its
     # classifier-free guidance) and the denoiser's calls at the recorded steps are the calibration samples
     steps: int = 20  # num_inference_steps of the sampling runs
@@ -47,6 +51,8 @@ class CalibrationConfig:
             raise IterisError(f"calibration.walk must be auto, blocks or model, got {self.walk!r}")
         if self.overlap not in ("auto", "on", "off"):
             raise IterisError(f"calibration.overlap must be auto, on or off, got {self.overlap!r}")
+        if self.split not in ("auto", "adapters", "samples"):
+            raise IterisError(f"calibration.split must be auto, adapters or samples, got {self.split!r}")
         for name in ("offload_states", "offload_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise IterisError(f"calibration.{name} must be true or false, got {getattr(self, name)!r}")

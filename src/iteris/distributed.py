@@ -1,11 +1,17 @@
 """One merge over several processes (``torchrun`` / ``accelerate launch``): torch.distributed, NCCL between
 GPUs, gloo between CPUs.
 
-Every rank loads the model and captures its share of every adapter's samples. Each layer group of a stage is
-solved by one rank (dealt out by the cost of its solves); the raw statistics are summed into that rank with
-``reduce`` before anything is derived from them (norms, projections, the Gram's mirrored half), so it holds
-what a single process would, and it broadcasts the solved factors, so every rank runs the same merged model
-in the next round. Only rank 0 writes.
+Every rank loads the model. Each layer group is solved by one rank (dealt out by the cost of its solves), which
+must hold every adapter's statistics of it exactly as a single process would. Two ways to get them there:
+
+- split by adapters: each rank captures whole adapters (all their samples), so their statistics are complete
+  where they are captured; a group's statistics then travel once, point to point, from the adapter's rank to
+  the group's, and norms (the alpha1 term's ||X^T Xh||) need no traffic at all;
+- split by samples: every rank captures a share of every adapter's samples, and the raw sums are ``reduce``d
+  into the solving rank before anything is derived from them (norms, projections, the Gram's mirrored half).
+
+The solving rank broadcasts the solved factors, so every rank runs the same merged model in the next round.
+Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -45,6 +51,26 @@ class Ranks:
                               "process needs at least one: give more samples or start fewer processes")
         return samples[self.rank :: self.world]
 
+    def holders(self, sizes: list[int], split: str) -> list[int | None]:
+        """Which rank captures each adapter whole (None: every rank captures a share of its samples).
+
+        ``split`` adapters: dealt out by size (tokens), largest first to the least loaded rank; samples: shared;
+        auto: adapters when each rank gets as many, samples otherwise."""
+        if split == "auto":
+            split = "adapters" if len(sizes) % self.world == 0 else "samples"
+        if split == "samples":
+            return [None] * len(sizes)
+        if len(sizes) < self.world:
+            raise IterisError(f"calibration.split: adapters gives each of the {self.world} processes whole adapters, "
+                              f"and there are {len(sizes)}; set calibration.split: samples (or auto), or start fewer")
+        load = [0] * self.world
+        out: list[int | None] = [None] * len(sizes)
+        for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+            rank = min(range(self.world), key=lambda r: load[r])
+            out[i] = rank
+            load[rank] += sizes[i]
+        return out
+
     def owners(self, costs: dict[str, float]) -> dict[str, int]:
         """Which rank solves each layer group: the costliest first, each to the least loaded rank."""
         load = [0.0] * self.world
@@ -69,7 +95,11 @@ class Ranks:
         for dst in sorted(tensors_by_rank):
             buckets: dict[tuple, list[torch.Tensor]] = {}
             for t in tensors_by_rank[dst]:
-                buckets.setdefault((t.dtype, t.device), []).append(t)
+                if t.numel() >= 1 << 16 and t.is_contiguous():  # large: in place, no packing copies
+                    dist.reduce(t, dst=dst)
+                    self.comm_bytes += t.numel() * t.element_size()
+                else:
+                    buckets.setdefault((t.dtype, t.device), []).append(t)
             for group in buckets.values():
                 flat = torch.cat([t.reshape(-1) for t in group])
                 dist.reduce(flat, dst=dst)
@@ -79,6 +109,22 @@ class Ranks:
                     for t in group:
                         t.copy_(flat[offset : offset + t.numel()].view_as(t))
                         offset += t.numel()
+
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        """Point to point, in one batch: each tensor of ``sends`` to its rank, each of ``recvs`` filled from its
+        rank (messages between two ranks pair up in the order given)."""
+        if not sends and not recvs:
+            return
+        import torch.distributed as dist
+
+        start = time.perf_counter()
+        ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+        with self._talking():
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        self.comm_bytes += sum(t.numel() * t.element_size() for t, _ in sends + recvs)
+        self.comm_seconds += time.perf_counter() - start
 
     def share(self, mine: dict, owner: dict[str, int], order: list[str], device_of) -> dict:
         """Every rank's solved deltas on every rank: each layer's broadcast from the rank that solved it."""
@@ -168,4 +214,6 @@ def from_environment() -> Ranks | None:
         device = f"cuda:{local}"
     else:
         device = "cpu"
+    # every rank's first collective together (NCCL wants it so before point-to-point batches)
+    dist.barrier(device_ids=[local]) if backend == "nccl" else dist.barrier()
     return Ranks(rank=rank, world=dist.get_world_size(), device=device, backend=backend)

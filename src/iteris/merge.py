@@ -165,7 +165,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
             model, layers, injector, samples, [s.name for s in cfg.adapters], pad_id,
             cfg.calibration.batch_size, getattr(torch, stats_dtype), cfg.progress, own, merged,
             walk=cfg.calibration.walk, offload_states=cfg.calibration.offload_states, overlap=cfg.calibration.overlap,
-            offload_stats=cfg.calibration.offload_stats, ranks=ranks,
+            offload_stats=cfg.calibration.offload_stats, ranks=ranks, split=cfg.calibration.split,
         )
     except BaseException:
         injector.remove()
@@ -289,6 +289,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     if ranks is not None:  # every rank's timings and traffic, in rank 0's report (and the same on every rank)
         mine = {"rank": ranks.rank, "device": ranks.device, "timings": dict(report["timings"]),
                 "bytes_communicated": ranks.comm_bytes, "communication_seconds": ranks.comm_seconds,
+                "peak_memory": report["peak_memory"],
                 "solved": {k: report[k] for k in _PER_LAYER if k in report}}
         everyone = ranks.gather(mine)
         for key in _PER_LAYER:  # what each rank found about the layers it solved
@@ -299,6 +300,11 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
         for r in everyone:
             del r["solved"]
         report["distributed"] = {"world_size": ranks.world, "backend": ranks.backend, "ranks": everyone}
+        if calib is not None and calib.holders is not None:
+            shared = all(h is None for h in calib.holders)
+            report["distributed"]["split"] = "samples" if shared else "adapters"
+            if not shared:
+                report["distributed"]["adapter_ranks"] = {a.name: h for a, h in zip(adapters, calib.holders)}
     report["summary"] = summarize(report)
     result = MergeResult(deltas=deltas, report=report, config=cfg, adapters=adapters, heads=heads)
     if out is not None and (ranks is None or ranks.main):  # only rank 0 writes, once every rank has finished

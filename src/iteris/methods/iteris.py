@@ -69,7 +69,7 @@ def _task_weights(ctx: MergeContext, names: list[str], per_task: list[dict[str, 
         base_sq = weight_norm_sq(base, None)
         group = calib.group_of[name]
         coef[name] = [
-            manual * adaptive_weight(weight_norm_sq(base, lora, base_sq), stats[group].out_sq[name])
+            manual * adaptive_weight(weight_norm_sq(base, lora, base_sq), float(stats[group].out_sq[name]))
             for stats, lora, manual in zip(per_task, ctx.loras(name), ctx.weights)
         ]
     return coef

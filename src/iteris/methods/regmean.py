@@ -36,7 +36,7 @@ def regmean(ctx: MergeContext):
         for group, members in by_group.items():
             group_stats = [calib.onload(group, stats[group]) for stats in per_task]  # back on the GPU if offloaded
             grams = [st.full_gram() for st in group_stats]
-            weights = [w / st.tokens if ctx.params.normalize else w for st, w in zip(group_stats, ctx.weights)]
+            weights = [w / float(st.tokens) if ctx.params.normalize else w for st, w in zip(group_stats, ctx.weights)]
             for name in members:
                 out[name], how = regmean_solve(grams, ctx.loras(name), ctx.params.reduction, weights)
                 if how != "cholesky":
