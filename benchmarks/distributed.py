@@ -1,14 +1,14 @@
 """Strong and weak scaling of the distributed merge: the same `iteris merge` on 1, 2, ... processes.
 
     PYTHONPATH=src python benchmarks/distributed.py --size 8b --procs 1,2 --out results/distributed/
-    PYTHONPATH=src python benchmarks/distributed.py --size 1b --procs 1,2 --weak
+    PYTHONPATH=src python benchmarks/distributed.py --size 1b --procs 1,2 --scaling strong,weak
     PYTHONPATH=src python benchmarks/distributed.py --size tiny --procs 1,2 --samples 4 --tokens 32   # CPU, gloo
 
 A random Llama-shaped model of benchmarks/speed.py's sizes (bf16 on GPUs) is saved with a word-level
 tokenizer, four random PEFT LoRAs of rank 16 on all seven projections beside it, and per adapter S texts of
 T words (one token each). Each run is `torchrun --nproc-per-node N -m iteris merge` (N = 1: one plain
 process), timed end to end (processes started, model loaded, merged, written); the report gives each rank's
-phases and bytes communicated. Strong scaling keeps S fixed; --weak multiplies it by N. The merged adapters
+phases, bytes communicated and peak GPU memory. Strong scaling keeps S fixed; weak scaling multiplies it by N. The merged adapters
 are compared with the one-process result.
 """
 
@@ -109,7 +109,9 @@ def main():
     parser.add_argument("--tokens", type=int, default=511, help="words per text (+1 for the BOS token)")
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--alpha1", type=float, default=0.0)
-    parser.add_argument("--weak", action="store_true", help="samples per adapter grow with the process count")
+    parser.add_argument("--scaling", default="strong",
+                        help="strong (samples fixed), weak (samples per adapter grow with the process count), or both: "
+                             "strong,weak (one single-process reference for both)")
     parser.add_argument("--splits", default="auto",
                         help="comma-separated calibration.split values to run on more than one process (auto, adapters, samples)")
     parser.add_argument("--out", default=None)
@@ -127,9 +129,11 @@ def main():
         save_model(args.size, root / "base", device)
         torch.cuda.empty_cache() if cuda else None
         reference = None
-        runs = [(n, split) for n in procs for split in (args.splits.split(",") if n > 1 else ["-"])]
-        for n, split in runs:
-            samples = args.samples * (n if args.weak else 1)
+        kinds = args.scaling.split(",")
+        runs = [(n, split, kind) for kind in kinds for n in procs for split in (args.splits.split(",") if n > 1 else ["-"])
+                if n > 1 or kind == kinds[0]]
+        for n, split, kind in runs:
+            samples = args.samples * (n if kind == "weak" else 1)
             data = write_data(root, 4, samples, args.tokens)
             config = {
                 "base_model": str(root / "base"), "method": "iteris", "progress": False, "dtype": "bfloat16" if cuda else "float32",
@@ -138,37 +142,39 @@ def main():
                                 "split": "auto" if split == "-" else split},
                 "adapters": [{"name": f"a{i}", "path": str(root / f"adapter{i}"), "data": str(d)} for i, d in enumerate(data)],
             }
-            path = root / f"merge_{n}_{split}.yaml"
+            path = root / f"merge_{n}_{split}_{samples}.yaml"
             path.write_text(json.dumps(config))
-            out = root / f"out_{n}_{split}"
+            out = root / f"out_{n}_{split}_{samples}"
             wall = run(n, path, out)
             report = json.loads((out / "merge_report.json").read_text())
             ranks = report.get("distributed", {}).get("ranks") or [{"timings": report["timings"], "bytes_communicated": 0,
                                                                    "communication_seconds": 0.0,
                                                                    "peak_memory": report["peak_memory"]}]
             slowest = max(ranks, key=lambda r: r["timings"]["total"])
-            row = {"procs": n, "split": report.get("distributed", {}).get("split", "-"), "samples_per_adapter": samples, "wall_s": wall, "load_s": slowest["timings"]["load"],
+            row = {"scaling": kind if n > 1 else "-", "procs": n, "split": report.get("distributed", {}).get("split", "-"), "samples_per_adapter": samples, "wall_s": wall, "load_s": slowest["timings"]["load"],
                    "capture_s": slowest["timings"].get("capture"), "solve_s": slowest["timings"].get("solve"),
                    "merge_s": slowest["timings"]["total"], "bytes_per_rank": max(r["bytes_communicated"] for r in ranks),
                    "communication_s": max(r["communication_seconds"] for r in ranks),
                    "peak_gib": max(r["peak_memory"].get("cuda_max_allocated_mb", 0.0) for r in ranks) / 1024}
             if reference is None:
-                reference = (out, wall, samples)
+                reference = (out, wall, samples, row["merge_s"])
             else:
                 row["rel_diff_vs_1"] = relative_difference(out, reference[0]) if samples == reference[2] else None
             work = samples / reference[2]
             row["speedup"] = reference[1] * work / wall
+            row["merge_speedup"] = reference[3] * work / row["merge_s"]  # without process start-up and writing
             row["efficiency"] = row["speedup"] / (n / procs[0])
             rows.append(row)
-    kind = "weak" if args.weak else "strong"
-    print(f"{kind} scaling, {args.size}, 4 adapters, {args.tokens + 1} tokens per sample, {args.iterations} iterations, "
+    kind = "_".join(kinds)
+    print(f"{args.scaling} scaling, {args.size}, 4 adapters, {args.tokens + 1} tokens per sample, {args.iterations} iterations, "
           f"alpha1 {args.alpha1:g}")
-    print("procs | split | samples/adapter | wall s | load s | capture s | solve s | merge s | MiB per rank | comm s | "
-          "peak GiB per GPU | speed-up | efficiency | rel. diff vs first")
+    print("scaling | procs | split | samples/adapter | wall s | load s | capture s | solve s | merge s | MiB per rank | comm s | "
+          "peak GiB per GPU | speed-up | merge speed-up | efficiency | rel. diff vs first")
     for r in rows:
-        print(" | ".join([str(r["procs"]), r["split"], str(r["samples_per_adapter"]), f"{r['wall_s']:.1f}", f"{r['load_s']:.1f}",
+        print(" | ".join([r["scaling"], str(r["procs"]), r["split"], str(r["samples_per_adapter"]), f"{r['wall_s']:.1f}", f"{r['load_s']:.1f}",
                           f"{r['capture_s'] or 0:.1f}", f"{r['solve_s'] or 0:.1f}", f"{r['merge_s']:.1f}",
                           f"{r['bytes_per_rank'] / 2**20:.1f}", f"{r['communication_s']:.2f}", f"{r['peak_gib']:.1f}", f"{r['speedup']:.2f}",
+                          f"{r['merge_speedup']:.2f}",
                           f"{r['efficiency']:.0%}", f"{r['rel_diff_vs_1']:.1e}" if r.get("rel_diff_vs_1") is not None else "-"]))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -238,6 +238,7 @@ class Calibration:
                         self.collector.merged_pass(lambda: run_forward(self.model, batch, merged=True), batch)
                 bar.update(1)
             per_task.append(self._finished(i))
+        self._settle()
         _sync(self.gpus)
         self.capture_seconds += time.perf_counter() - start
         bar.close()
@@ -255,6 +256,12 @@ class Calibration:
             for st in stats.values():
                 _map_tensors(st, _to_host)
         return stats
+
+    def _settle(self) -> None:
+        """Several processes: the stage's statistics sent between ranks have arrived (each rank first captured
+        all its adapters, then waits for its peers')."""
+        if self.ranks is not None:
+            self.ranks.settle()
 
     def onload(self, group: str, st: GroupStats) -> GroupStats:
         """A group's statistics where its layer is (a copy, if they were offloaded): what a solve reads."""
@@ -332,6 +339,7 @@ class Calibration:
                                 if last and not sequential:
                                     call.hidden = self._store(out)
                         per_task.append(self._finished(i))
+                    self._settle()
                     if overlapped is None:
                         _sync(self.gpus)
                     capture += time.perf_counter() - t0

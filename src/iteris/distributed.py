@@ -39,6 +39,7 @@ class Ranks:
     comm_bytes: int = 0
     comm_seconds: float = 0.0
     timings: dict = field(default_factory=dict)
+    _in_flight: list = field(default_factory=list, repr=False)
 
     @property
     def main(self) -> bool:
@@ -112,7 +113,8 @@ class Ranks:
 
     def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
         """Point to point, in one batch: each tensor of ``sends`` to its rank, each of ``recvs`` filled from its
-        rank (messages between two ranks pair up in the order given)."""
+        rank (messages between two ranks pair up in the order given). Not waited for here: ``settle`` does,
+        so that the captures queued meanwhile do not wait for a peer still capturing what it will send."""
         if not sends and not recvs:
             return
         import torch.distributed as dist
@@ -121,9 +123,20 @@ class Ranks:
         ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
         ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
         with self._talking():
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            works = dist.batch_isend_irecv(ops)
+        self._in_flight.append((works, [t for t, _ in sends + recvs]))  # the tensors stay alive until settled
         self.comm_bytes += sum(t.numel() * t.element_size() for t, _ in sends + recvs)
+        self.comm_seconds += time.perf_counter() - start
+
+    def settle(self) -> None:
+        """Every exchange sent or received before it is complete for what runs after (on a GPU: the stream
+        waits, not the host)."""
+        start = time.perf_counter()
+        with self._talking():
+            for works, _ in self._in_flight:
+                for work in works:
+                    work.wait()
+        self._in_flight.clear()
         self.comm_seconds += time.perf_counter() - start
 
     def share(self, mine: dict, owner: dict[str, int], order: list[str], device_of) -> dict:
