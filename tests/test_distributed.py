@@ -41,7 +41,8 @@ def _rank(rank: int, world: int, port: int, config: dict, out: str, fail_rank: i
 
 
 def _config(base, adapters, data, **parameters):
-    calibration = {"batch_size": 2, "overlap": parameters.pop("overlap", "auto"), "split": parameters.pop("split", "auto")}
+    calibration = {"batch_size": 2, "overlap": parameters.pop("overlap", "auto"), "split": parameters.pop("split", "auto"),
+                   "shard": parameters.pop("shard", "auto")}
     return {
         "base_model": str(base), "method": parameters.pop("method", "iteris"), "parameters": parameters,
         "device": "cpu", "dtype": "float64", "progress": False, "calibration": calibration,
@@ -65,6 +66,10 @@ def _adapter_weights(path):
     ("t5", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4, "split": "adapters"}),
     ("t5", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4, "split": "samples"}),
     ("llama", {"method": "regmean", "split": "adapters"}),
+    # each block's weights sharded over the two processes (FSDP2), gathered per visit of the walk
+    ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4, "split": "adapters", "shard": "blocks"}),
+    ("llama", {"iterations": 1, "alpha1": 0.0, "alpha2": 1e-4, "schedule": "sequential", "split": "samples",
+               "shard": "blocks", "overlap": "on"}),
 ])
 def test_two_processes_give_the_single_process_merge(tmp_path, tiny_family_dir, adapters_for, calibration_file,
                                                      family, parameters):
@@ -80,6 +85,8 @@ def test_two_processes_give_the_single_process_merge(tmp_path, tiny_family_dir, 
     report = json.loads((tmp_path / "spread" / "merge_report.json").read_text())
     ranks = report["distributed"]["ranks"]
     assert report["distributed"]["world_size"] == 2 and [r["rank"] for r in ranks] == [0, 1]
+    if config["calibration"]["shard"] == "blocks":
+        assert report["calibration"]["sharded_over_processes"] == 2
     split = config["calibration"]["split"]
     assert report["distributed"]["split"] == ("adapters" if split == "auto" else split)
     assert all(r["bytes_communicated"] > 0 for r in ranks)
@@ -137,3 +144,43 @@ def test_adapters_are_dealt_out_by_size_and_split_falls_back_to_samples():
     assert two.holders([10, 30, 20, 20], "samples") == [None] * 4
     with pytest.raises(IterisError, match="set calibration.split: samples"):
         Ranks(rank=0, world=4, device="cpu", backend="gloo").holders([10, 30, 20], "adapters")
+
+
+def _load_shard(rank: int, world: int, port: int, base: str, targets: list[str], result: dict):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor
+
+    from iteris import sharding
+    from iteris.distributed import from_environment
+
+    ranks = from_environment()
+    try:
+        model = sharding.load_sharded(base, "CAUSAL_LM", {}, torch.float64, targets, ranks)
+        saved = load_file(f"{base}/model.safetensors")
+        for name, param in model.named_parameters():
+            if ".layers." in name:  # a block's weight: this process's rows only, the checkpoint's when gathered
+                assert isinstance(param, DTensor), name
+                rows = saved[name].shape[0]
+                assert param.to_local().shape[0] == -(-rows // world) or rank == world - 1, name
+                torch.testing.assert_close(param.full_tensor(), saved[name].double(), rtol=0, atol=0)
+            else:  # embeddings, final norm, head: whole on every process
+                assert not isinstance(param, DTensor), name
+        result[rank] = True
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_load_keeps_each_process_its_rows_of_every_block(tiny_family_dir, adapters_for):
+    from iteris.adapters import load_adapter
+
+    base = tiny_family_dir("llama")
+    targets = sorted(load_adapter("a", adapters_for("llama")[0]).modules)
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_load_shard, args=(2, _free_port(), str(base), targets, result), nprocs=2, join=True)
+        assert dict(result) == {0: True, 1: True}

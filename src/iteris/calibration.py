@@ -17,10 +17,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import sharding
 from .adapters import LoraAdapter
 from .capture import DeltaInjector, GroupStats, LayerGroup, StatsCollector, find_groups
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
+from .solve import weight_norm_sq
 from .models import (
     CallSample, TokenSample, base_weight, batches, find_stack, first_block_call, input_device, make_batch, run_forward,
 )
@@ -55,6 +57,7 @@ class Calibration:
         offload_stats: bool = False,
         ranks=None,
         split: str = "auto",
+        sharded: bool = False,
     ):
         self.ranks = ranks  # distributed.Ranks when several processes share the merge
         self.holders: list[int | None] | None = None  # which rank captures each adapter whole (None: all, a share each)
@@ -104,12 +107,24 @@ class Calibration:
                 )
         self.collector = StatsCollector(model, layers, self.groups, self.injector, stats_dtype)
         self.collector.ranks = ranks
+        # blocks sharded over the processes (sharding.py): gathered per visit of the walk, which must walk them
+        self.sharded = sharded
+        self._weight_norms: dict[str, list[float]] | None = None
+        if sharded:
+            if self.stack is None:
+                raise IterisError(f"{type(model).__name__} cannot be walked block by block, and a model sharded over "
+                                  "processes is only run that way; set calibration.shard: off")
+            for block in self.stack.blocks:  # a probe that stopped inside a block left it gathered
+                sharding.release(block)
 
     def _on_model(self, overrides: dict) -> dict:
         """modules_to_save tensors moved once, not at every block call."""
         out = {}
         for path, value in overrides.items():
             current = self.model.get_parameter(path)
+            if type(current).__name__ == "DTensor":
+                raise IterisError(f"'{path}' (an adapter's modules_to_save) lies in a block sharded over processes, "
+                                  "where it cannot be swapped per adapter; set calibration.shard: off")
             out[path] = value.to(device=current.device, dtype=current.dtype)
         return out
 
@@ -121,7 +136,19 @@ class Calibration:
         return self._group_by_name[group].in_features
 
     def base_weight(self, name: str) -> torch.Tensor:
+        if self.sharded:
+            raise IterisError("a model sharded over processes has no whole base weight in any one of them; "
+                              "with_pretrain_matrix needs one: set calibration.shard: off")
         return base_weight(self.layers[name]).detach()
+
+    def adapted_weight_norms(self, name: str, loras: list) -> list[float]:
+        """||W0 + dW_i||_F^2 for each adapter's LoRA on a layer (None: ||W0||^2)."""
+        if self._weight_norms is not None:
+            return self._weight_norms[name]
+        base = self.base_weight(name)
+        base = base.to(torch.promote_types(base.dtype, torch.float32))  # once per layer, not once per adapter
+        base_sq = weight_norm_sq(base, None)
+        return [weight_norm_sq(base, lora, base_sq) for lora in loras]
 
     def set_merged(self, deltas: dict[str, Delta]) -> None:
         self.injector.set_variant("merged", deltas)
@@ -168,6 +195,9 @@ class Calibration:
             )
         if sequential:
             self.set_merged({})
+        if self.sharded and self._weight_norms is None:  # every process at once, while all of them are here
+            self._weight_norms = sharding.adapted_weight_norms(
+                self.layers, {n: [a.modules.get(n) for a in adapters] for n in self.layers}, self.ranks)
         options = dict(
             paired=paired or sequential, gamma=gamma, want_cross=want_cross, keep_cross=keep_cross, out_norms=out_norms,
             rows=rows if self.ranks is None else None,  # (kept inputs are not summed over processes: Grams then)
@@ -314,6 +344,8 @@ class Calibration:
             self._assign(self.groups)  # their groups' a lot (one down_proj costs as much as all else in a block)
         try:
             for b, block in enumerate(stack.blocks):
+                if self.sharded:
+                    sharding.gather(block)
                 groups = by_block.get(b, [])
                 stages = [[g] for g in groups] if sequential else [groups]
                 for s, stage in enumerate(stages):
@@ -358,6 +390,8 @@ class Calibration:
                             call.hidden = self._store(run(block, call, "merged", self.merged_overrides[i])())
                     _sync(self.gpus)
                     capture += time.perf_counter() - t0
+                if self.sharded:
+                    sharding.release(block)
                 bar.update(1)
             if overlapped is not None:
                 result.update(overlapped.finish())

@@ -33,6 +33,9 @@ class CalibrationConfig:
     # travel, to the process solving their layer); samples = each a share of every adapter's samples (raw sums
     # reduced); auto = adapters when their number is a multiple of the processes'
     split: str = "auto"
+    # several processes: blocks = each block's weights sharded over them (FSDP2; for models larger than one GPU);
+    # off = each holds the whole model; auto = blocks where the checkpoint takes over 40% of one GPU's memory
+    shard: str = "auto"
     # diffusion pipelines: each adapter's prompts are sampled by the pipeline itself (its scheduler, its
     # classifier-free guidance) and the denoiser's calls at the recorded steps are the calibration samples
     steps: int = 20  # num_inference_steps of the sampling runs
@@ -51,6 +54,8 @@ class CalibrationConfig:
             raise IterisError(f"calibration.walk must be auto, blocks or model, got {self.walk!r}")
         if self.overlap not in ("auto", "on", "off"):
             raise IterisError(f"calibration.overlap must be auto, on or off, got {self.overlap!r}")
+        if self.shard not in ("auto", "blocks", "off"):
+            raise IterisError(f"calibration.shard must be auto, blocks or off, got {self.shard!r}")
         if self.split not in ("auto", "adapters", "samples"):
             raise IterisError(f"calibration.split must be auto, adapters or samples, got {self.split!r}")
         for name in ("offload_states", "offload_stats"):

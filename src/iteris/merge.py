@@ -101,7 +101,7 @@ def resolve_heads(adapters: list[LoraAdapter], policy: str):
 
 def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets: list[str], own, merged, report,
                          ranks=None):
-    from . import models
+    from . import models, sharding
     from .calibration import Calibration
     from .capture import DeltaInjector
 
@@ -131,8 +131,18 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     else:
         tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model)
         pad_id = tokenizer.pad_token_id
-    model = models.load_base_model(cfg.base_model, adapters[0].task_type, all_extras, dtype, device, tokenizer,
-                                   device_map=cfg.device_map)
+    sharded = sharding.wanted(cfg.calibration.shard, cfg.base_model, ranks)
+    if sharded:
+        if images or cfg.calibration.generate:
+            raise IterisError("a model sharded over processes is run block by block on text samples only: "
+                              f"{'it reads images' if images else 'calibration.generate runs it whole'}; set "
+                              "calibration.shard: off (and start as many processes as the model fits)")
+        model = sharding.load_sharded(cfg.base_model, adapters[0].task_type, all_extras, dtype, targets, ranks)
+        if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = models.load_base_model(cfg.base_model, adapters[0].task_type, all_extras, dtype, device, tokenizer,
+                                       device_map=cfg.device_map)
     if cfg.device_map:
         device = models.input_device(model)
     layers = models.resolve_layers(model, targets)
@@ -165,7 +175,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
             model, layers, injector, samples, [s.name for s in cfg.adapters], pad_id,
             cfg.calibration.batch_size, getattr(torch, stats_dtype), cfg.progress, own, merged,
             walk=cfg.calibration.walk, offload_states=cfg.calibration.offload_states, overlap=cfg.calibration.overlap,
-            offload_stats=cfg.calibration.offload_stats, ranks=ranks, split=cfg.calibration.split,
+            offload_stats=cfg.calibration.offload_stats, ranks=ranks, split=cfg.calibration.split, sharded=sharded,
         )
     except BaseException:
         injector.remove()
@@ -177,6 +187,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
         "stats_dtype": stats_dtype,
         "model_kind": "images" if images else kind,
         "walk": "blocks" if calib.walks_blocks else "model",
+        **({"sharded_over_processes": ranks.world} if sharded else {}),
         "layer_groups": len(calib.groups),
         "layers": len(layers),
         "shared_input_groups": {g.name: g.members for g in calib.groups if len(g.members) > 1},

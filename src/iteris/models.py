@@ -67,7 +67,7 @@ def _num_labels(extra_tensors: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _auto_class(path: str, task_type: str | None, extra_tensors: dict):
+def auto_class(path: str, task_type: str | None, extra_tensors: dict):
     """The transformers auto class the adapters were trained on, the base config, and head kwargs."""
     import transformers
 
@@ -94,7 +94,7 @@ _LOAD_OPTIONS = {"ignore_mismatched_sizes": True}
 def check_against_base(path: str, adapters, targets: list[str]) -> None:
     """Shape-check the adapters against the base without loading its weights (a model on the meta device)."""
     extras = {k: v for a in adapters for k, v in a.extra_tensors.items()}
-    auto_cls, config, kwargs = _auto_class(path, adapters[0].task_type, extras)
+    auto_cls, config, kwargs = auto_class(path, adapters[0].task_type, extras)
     for key, value in kwargs.items():
         setattr(config, key, value)
     with torch.device("meta"):
@@ -110,7 +110,7 @@ def load_base_model(
 
     ``device_map`` spreads it over the visible GPUs (transformers' placement); every layer must land on a
     GPU, since a merge reads each target weight and keeps its statistics beside it."""
-    auto_cls, _, kwargs = _auto_class(path, task_type, extra_tensors)
+    auto_cls, _, kwargs = auto_class(path, task_type, extra_tensors)
     placement = {"device_map": device_map} if device_map else {}
     try:
         model = auto_cls.from_pretrained(path, dtype=dtype, **placement, **kwargs, **(_LOAD_OPTIONS if kwargs else {}))
@@ -584,6 +584,24 @@ def _same_value(a, b) -> bool:
 
 
 @torch.no_grad()
+def block_list(model: nn.Module, layer_names: list[str]) -> tuple[nn.ModuleList, dict[str, int]] | None:
+    """The outermost list of blocks holding every target layer, and each layer's block index (by structure
+    alone: whether the blocks run as a plain chain is ``find_stack``'s question)."""
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        prefix = f"{path}." if path else ""
+        block_of = {}
+        for name in layer_names:
+            head = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+            if not head.isdigit():
+                break
+            block_of[name] = int(head)
+        else:
+            return module, block_of  # named_modules walks outer modules first
+    return None
+
+
 def find_stack(model: nn.Module, layers: dict[str, nn.Module], probe: Batch) -> Stack | None:
     """The block stack holding every target layer, if the model runs it as a plain chain.
 
@@ -592,20 +610,7 @@ def find_stack(model: nn.Module, layers: dict[str, nn.Module], probe: Batch) -> 
     stored inputs reproduces the full forward. Anything else (encoder-decoder stacks, blocks that pass
     state to the next one, per-block masks) returns None and the whole model runs instead.
     """
-    found = None
-    for path, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        prefix = f"{path}." if path else ""
-        block_of = {}
-        for name in layers:
-            head = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
-            if not head.isdigit():
-                break
-            block_of[name] = int(head)
-        else:
-            found = (module, block_of)
-            break  # named_modules walks outer modules first: the outermost list holding every target
+    found = block_list(model, list(layers))
     if found is None:
         return None
     module_list, block_of = found
@@ -650,7 +655,8 @@ def first_block_call(model: nn.Module, stack: Stack, batch: Batch, merged: bool 
         seen["call"] = _split_call(args, kwargs)
         raise StopForward
 
-    handle = stack.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # first among the block's pre-hooks: a block sharded over processes is not gathered for a call that stops
+    handle = stack.blocks[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         run_forward(model, batch, merged)
     except StopForward:

@@ -12,7 +12,7 @@ from ..capture import GroupStats
 from ..deltas import relative_change
 from ..errors import IterisError
 from ..solve import (
-    TaskLayerStats, adaptive_weight, iteris_solve, iteris_solve_many, iteris_solve_samples, pretrain_rhs, weight_norm_sq,
+    TaskLayerStats, adaptive_weight, iteris_solve, iteris_solve_many, iteris_solve_samples, pretrain_rhs,
 )
 from .base import MergeContext, param, register
 
@@ -64,13 +64,10 @@ def _task_weights(ctx: MergeContext, names: list[str], per_task: list[dict[str, 
         return {name: list(ctx.weights) for name in names}
     coef = {}
     for name in names:
-        base = calib.base_weight(name)
-        base = base.to(torch.promote_types(base.dtype, torch.float32))  # once per layer, not once per adapter
-        base_sq = weight_norm_sq(base, None)
         group = calib.group_of[name]
         coef[name] = [
-            manual * adaptive_weight(weight_norm_sq(base, lora, base_sq), float(stats[group].out_sq[name]))
-            for stats, lora, manual in zip(per_task, ctx.loras(name), ctx.weights)
+            manual * adaptive_weight(norm, float(stats[group].out_sq[name]))
+            for stats, norm, manual in zip(per_task, calib.adapted_weight_norms(name, ctx.loras(name)), ctx.weights)
         ]
     return coef
 

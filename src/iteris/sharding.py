@@ -1,0 +1,180 @@
+"""A base model larger than one GPU, under torchrun: each block of the stack holding the target layers is
+sharded over the processes with FSDP2 (``fully_shard``), so each process keeps 1/N of every block's weights.
+
+The block walk gathers a block once per visit (``gather``), runs every sample of the process through it,
+and frees it again (``release``); any other call of a block (the probes) gathers and frees it around
+itself. The embeddings, final norm and head stay whole on every process. Each
+process reads only its own rows of each block weight from the safetensors files, so no process ever holds
+the whole model, on the GPU or in CPU memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import IterisError
+from .models import auto_class, block_list
+
+SETTINGS = ("auto", "blocks", "off")
+AUTO_FRACTION = 0.4  # auto: shard where the checkpoint takes more than this share of one GPU's memory
+
+
+def wanted(setting: str, path: str, ranks) -> bool:
+    """Whether this merge shards the model's blocks over its processes."""
+    if setting == "off" or ranks is None:
+        return False
+    if setting == "blocks":
+        return True
+    if not ranks.device.startswith("cuda"):
+        return False
+    return checkpoint_bytes(path) > AUTO_FRACTION * torch.cuda.get_device_properties(ranks.device).total_memory
+
+
+def checkpoint_bytes(path: str) -> int:
+    index = Path(path) / "model.safetensors.index.json"
+    if index.is_file():
+        return int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def load_sharded(path: str, task_type: str | None, extra_tensors: dict, dtype: torch.dtype, layer_names: list[str],
+                 ranks) -> nn.Module:
+    """The base model with its blocks sharded over ``ranks``, built empty and filled from the checkpoint."""
+    from accelerate import init_empty_weights
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise IterisError(f"sharding a model over processes reads safetensors checkpoints; '{path}' has none "
+                          "(save it with save_pretrained(safe_serialization=True)), or set calibration.shard: off")
+    auto_cls, config, kwargs = auto_class(path, task_type, extra_tensors)
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device, buffers (rotary tables) real
+        model = auto_cls.from_config(config, dtype=dtype)
+    found = block_list(model, layer_names)
+    if found is None:
+        raise IterisError(f"{type(model).__name__} keeps its target layers outside one list of blocks, so its blocks "
+                          "cannot be sharded over processes; set calibration.shard: off")
+    blocks = list(found[0])
+    device_type = "cuda" if ranks.device.startswith("cuda") else "cpu"
+    mesh = init_device_mesh(device_type, (ranks.world,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model.to_empty(device=ranks.device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+        _read_weights(model, files, ranks)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _read_weights(model: nn.Module, files: list[Path], ranks) -> None:
+    """Each parameter from the checkpoint by its own name; of a sharded one, only this process's rows (as
+    FSDP2 splits them: torch.chunk along dim 0)."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                param = params.pop(key, None)
+                if param is None:
+                    continue
+                if not isinstance(param, DTensor):
+                    param.copy_(f.get_tensor(key))
+                    continue
+                local = param.to_local()
+                rows = f.get_slice(key).get_shape()[0]
+                size = math.ceil(rows / ranks.world)
+                start, stop = min(ranks.rank * size, rows), min((ranks.rank + 1) * size, rows)
+                if local.shape[0] != stop - start:
+                    raise IterisError(f"'{key}': this process holds {local.shape[0]} rows of it, expected {stop - start}")
+                if stop > start:
+                    local.copy_(f.get_slice(key)[start:stop])
+    if params:
+        missing = sorted(params)
+        raise IterisError(f"the checkpoint lacks {len(missing)} of the model's weights under their own names (e.g. "
+                          f"{missing[:3]}); a sharded load reads them by name: set calibration.shard: off")
+
+
+def fsdp_units(module: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def gather(block: nn.Module) -> None:
+    """The block's whole weights on every process (a collective: all processes, same order), kept until
+    ``release``: processes run different numbers of calls of it meanwhile, so no call may gather or free."""
+    for unit in fsdp_units(block):
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+
+
+def release(block: nn.Module) -> None:
+    for unit in fsdp_units(block):
+        unit.reshard()
+        unit.set_reshard_after_forward(True)  # a call outside the walk (the probes) frees the block after itself
+
+
+def adapted_weight_norms(layers: dict[str, nn.Module], loras: dict[str, list], ranks) -> dict[str, list[float]]:
+    """||W0 + s B A||_F^2 for every layer and adapter (None: ||W0||^2), from the row shards each process holds,
+    summed over the processes in one all_reduce. Every process calls it, with the same layers."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from .deltas import LowRankDelta
+
+    names = sorted(layers)
+    partial = []
+    for name in names:
+        weight = layers[name].weight
+        local = weight.to_local() if isinstance(weight, DTensor) else weight
+        share = _row_share(weight, ranks)
+        W0 = local.detach()
+        W0 = W0.to(torch.promote_types(W0.dtype, torch.float32))
+        partial.append(W0.pow(2).sum(dtype=torch.float64))
+        for lora in loras[name]:
+            if lora is None:
+                continue
+            B = lora.B[share].to(device=W0.device, dtype=W0.dtype)
+            partial.append((2.0 * lora.scale) * ((B.T @ W0) * lora.A.to(W0.device, W0.dtype)).sum(dtype=torch.float64))
+    total = torch.stack(partial).to(ranks.device)
+    if ranks.world > 1:
+        dist.all_reduce(total)
+    values = total.tolist()
+    out, k = {}, 0
+    for name in names:
+        base_sq, k = values[k], k + 1
+        row = []
+        for lora in loras[name]:
+            if lora is None:
+                row.append(base_sq)
+                continue
+            dtype = torch.promote_types(lora.B.dtype, torch.float32)
+            low = LowRankDelta(B=lora.B.to(dtype), A=lora.A.to(dtype))
+            row.append(base_sq + values[k] + lora.scale**2 * low.norm_sq())
+            k += 1
+        out[name] = row
+    return out
+
+
+def _row_share(weight: torch.Tensor, ranks) -> slice:
+    """The rows of a (d_out x d_in) weight this process counts: its FSDP2 chunk."""
+    from torch.distributed.tensor import DTensor
+
+    rows = weight.shape[0]
+    if not isinstance(weight, DTensor):  # whole on every process: counted once
+        return slice(0, rows if ranks.rank == 0 else 0)
+    size = math.ceil(rows / ranks.world)
+    return slice(min(ranks.rank * size, rows), min((ranks.rank + 1) * size, rows))
