@@ -32,18 +32,88 @@ import speed  # noqa: E402
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def save_model(size: str, path: Path, device: str) -> None:
+def save_model(size: str, path: Path, device: str, stream: bool) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = speed.build_model(size, device)
-    model.save_pretrained(path)
+    if stream:
+        stream_checkpoint(size, path, device)
+        stream_adapters(size, path, 4)
+    else:
+        model = speed.build_model(size, device)
+        model.save_pretrained(path)
+        save_adapters(model, path.parent, 4)
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(speed.VOCAB - 4)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(path)
-    save_adapters(model, path.parent, 4)
+
+
+def _meta_model(size: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=speed.VOCAB, max_position_embeddings=4096, **speed.SIZES[size])
+    config.dtype = "bfloat16"
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def stream_checkpoint(size: str, path: Path, device: str, shard_bytes: int = 4 << 30) -> None:
+    """A random bf16 checkpoint written tensor by tensor (as transformers' init: normal(0, 0.02), norms 1), never
+    holding the model: for sizes larger than one GPU or than CPU memory per process."""
+    from safetensors.torch import save_file
+
+    model = _meta_model(size)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    generator = torch.Generator(device).manual_seed(0)
+    weight_map, shard, held, total, k = {}, {}, 0, 0, 0
+
+    def flush():
+        nonlocal shard, held, k
+        name = f"model-{k:05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+        shard, held, k = {}, 0, k + 1
+
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            t = torch.ones(p.shape, dtype=torch.bfloat16)
+        else:
+            t = torch.empty(p.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=generator).cpu()
+        shard[name] = t
+        held += t.numel() * 2
+        total += t.numel() * 2
+        if held >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
+
+
+def stream_adapters(size: str, base: Path, n: int, rank: int = 16) -> None:
+    """Random PEFT LoRAs written straight to files (A as PEFT initialises it, B normal(0, 0.01))."""
+    from safetensors.torch import save_file
+
+    model = _meta_model(size)
+    for i in range(n):
+        generator = torch.Generator().manual_seed(i)
+        tensors = {}
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in PROJECTIONS:
+                d_out, d_in = module.weight.shape
+                bound = d_in ** -0.5
+                tensors[f"base_model.model.{name}.lora_A.weight"] = torch.empty(rank, d_in).uniform_(-bound, bound, generator=generator)
+                tensors[f"base_model.model.{name}.lora_B.weight"] = torch.empty(d_out, rank).normal_(0, 0.01, generator=generator)
+        out = base.parent / f"adapter{i}"
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+            "target_modules": PROJECTIONS, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "use_dora": False, "base_model_name_or_path": str(base)}))
 
 
 def save_adapters(model, root: Path, n: int) -> None:
@@ -112,6 +182,10 @@ def main():
     parser.add_argument("--scaling", default="strong",
                         help="strong (samples fixed), weak (samples per adapter grow with the process count), or both: "
                              "strong,weak (one single-process reference for both)")
+    parser.add_argument("--shard", default="auto", choices=["auto", "blocks", "off"],
+                        help="calibration.shard: blocks shards every block's weights over the processes (FSDP2)")
+    parser.add_argument("--stream-checkpoint", action="store_true",
+                        help="write the random checkpoint and adapters tensor by tensor (always for 70b)")
     parser.add_argument("--splits", default="auto",
                         help="comma-separated calibration.split values to run on more than one process (auto, adapters, samples)")
     parser.add_argument("--out", default=None)
@@ -126,7 +200,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        save_model(args.size, root / "base", device)
+        save_model(args.size, root / "base", device, stream=args.stream_checkpoint or args.size == "70b")
         torch.cuda.empty_cache() if cuda else None
         reference = None
         kinds = args.scaling.split(",")
@@ -139,7 +213,7 @@ def main():
                 "base_model": str(root / "base"), "method": "iteris", "progress": False, "dtype": "bfloat16" if cuda else "float32",
                 "parameters": {"iterations": args.iterations, "alpha1": args.alpha1, "alpha2": 1e-7},
                 "calibration": {"samples": samples, "max_length": args.tokens + 1, "batch_size": 8,
-                                "split": "auto" if split == "-" else split},
+                                "split": "auto" if split == "-" else split, "shard": args.shard},
                 "adapters": [{"name": f"a{i}", "path": str(root / f"adapter{i}"), "data": str(d)} for i, d in enumerate(data)],
             }
             path = root / f"merge_{n}_{split}_{samples}.yaml"
