@@ -66,6 +66,7 @@ def _adapter_weights(path):
     ("t5", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4, "split": "adapters"}),
     ("t5", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4, "split": "samples"}),
     ("llama", {"method": "regmean", "split": "adapters"}),
+    ("llama", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4, "with_pretrain_matrix": True, "split": "adapters"}),
     # each block's weights sharded over the two processes (FSDP2), gathered per visit of the walk
     ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4, "split": "adapters", "shard": "blocks"}),
     ("llama", {"iterations": 1, "alpha1": 0.0, "alpha2": 1e-4, "schedule": "sequential", "split": "samples",
@@ -170,17 +171,41 @@ def _load_shard(rank: int, world: int, port: int, base: str, targets: list[str],
                 torch.testing.assert_close(param.full_tensor(), saved[name].double(), rtol=0, atol=0)
             else:  # embeddings, final norm, head: whole on every process
                 assert not isinstance(param, DTensor), name
+                torch.testing.assert_close(param, saved[name].double(), rtol=0, atol=0)
+        if "lm_head.weight" not in saved:
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+        with torch.no_grad():  # a whole forward (as the probes run) gathers each block and frees it after
+            model(torch.tensor([[1, 2, 3]]))
+        assert all(isinstance(p, DTensor) for n, p in model.named_parameters() if ".layers." in n)
         result[rank] = True
     finally:
         dist.destroy_process_group()
 
 
-def test_sharded_load_keeps_each_process_its_rows_of_every_block(tiny_family_dir, adapters_for):
+@pytest.mark.parametrize("tied", [False, True])
+def test_sharded_load_keeps_each_process_its_rows_of_every_block(tmp_path, tiny_family_dir, adapters_for, tied):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from iteris.adapters import load_adapter
 
     base = tiny_family_dir("llama")
+    if tied:  # the head shares the embeddings' tensor: the checkpoint has no lm_head of its own
+        model = AutoModelForCausalLM.from_pretrained(base)
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        model.save_pretrained(tmp_path / "tied")
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "tied")
+        base = tmp_path / "tied"
     targets = sorted(load_adapter("a", adapters_for("llama")[0]).modules)
     with mp.Manager() as manager:
         result = manager.dict()
         mp.spawn(_load_shard, args=(2, _free_port(), str(base), targets, result), nprocs=2, join=True)
         assert dict(result) == {0: True, 1: True}
+
+
+def test_sharding_refuses_layers_it_cannot_split_by_rows(tmp_path, tiny_family_dir, adapters_for, calibration_file):
+    data = [calibration_file("jsonl", n=4, seed=s) for s in (0, 1)]
+    config = _config(tiny_family_dir("gpt2"), adapters_for("gpt2"), data, iterations=1, shard="blocks")
+    with pytest.raises(mp.ProcessRaisedException, match="splits nn.Linear weights by rows"):
+        mp.spawn(_rank, args=(2, _free_port(), config, str(tmp_path / "out"), None), nprocs=2, join=True)
+    assert not (tmp_path / "out").exists()

@@ -114,7 +114,7 @@ class Calibration:
             if self.stack is None:
                 raise IterisError(f"{type(model).__name__} cannot be walked block by block, and a model sharded over "
                                   "processes is only run that way; set calibration.shard: off")
-            for block in self.stack.blocks:  # a probe that stopped inside a block left it gathered
+            for block in sharding.fsdp_units(model):  # a probe that stopped inside a block left it gathered
                 sharding.release(block)
 
     def _on_model(self, overrides: dict) -> dict:
@@ -268,7 +268,7 @@ class Calibration:
                         self.collector.merged_pass(lambda: run_forward(self.model, batch, merged=True), batch)
                 bar.update(1)
             per_task.append(self._finished(i))
-        self._settle()
+        self._settle(self._in_flight())
         _sync(self.gpus)
         self.capture_seconds += time.perf_counter() - start
         bar.close()
@@ -283,15 +283,21 @@ class Calibration:
         GPU holds one task's statistics while capturing and one group's while solving."""
         stats = self.collector.finish(self.holders[task] if self.holders else None)
         if self.offload_stats:
+            self._settle(self._in_flight())  # what other processes sent must have arrived before it is copied
             for st in stats.values():
                 _map_tensors(st, _to_host)
         return stats
 
-    def _settle(self) -> None:
-        """Several processes: the stage's statistics sent between ranks have arrived (each rank first captured
-        all its adapters, then waits for its peers')."""
-        if self.ranks is not None:
-            self.ranks.settle()
+    def _in_flight(self) -> list:
+        """The stage's statistics still travelling between processes (taken from the collector)."""
+        out, self.collector.in_flight = self.collector.in_flight, []
+        return out
+
+    def _settle(self, in_flight: list) -> None:
+        """Several processes: the stage's statistics sent between ranks have arrived, for what the current
+        stream runs next."""
+        if in_flight:
+            self.ranks.settle(in_flight)
 
     def onload(self, group: str, st: GroupStats) -> GroupStats:
         """A group's statistics where its layer is (a copy, if they were offloaded): what a solve reads."""
@@ -340,6 +346,7 @@ class Calibration:
         # layers are shared once, at its end, and the solves need not wait for one another
         deferred = self.ranks is not None and not sequential
         owners: dict[str, int] = {}
+        trailing: list = []  # with overlapped solves: the last stage's traffic between processes
         if deferred:  # solvers dealt out over the whole sweep, not stage by stage: blocks' costs differ little,
             self._assign(self.groups)  # their groups' a lot (one down_proj costs as much as all else in a block)
         try:
@@ -371,12 +378,22 @@ class Calibration:
                                 if last and not sequential:
                                     call.hidden = self._store(out)
                         per_task.append(self._finished(i))
-                    self._settle()
+                    in_flight = self._in_flight()
                     if overlapped is None:
+                        self._settle(in_flight)
                         _sync(self.gpus)
+                    elif overlapped.cuda:
+                        # the main stream waits for the previous stage's traffic only (long done, as a rule):
+                        # until then the tensors it sent stay alive, so their memory is not reused under a send
+                        # (on CPUs a transfer is waited for once, by the solve's worker)
+                        self._settle(trailing)
+                        trailing = list(in_flight)
                     capture += time.perf_counter() - t0
                     if stage and overlapped is not None:
-                        result.update(overlapped.submit(solve, self._mine(stage, owners), per_task))
+                        # the solve's stream alone waits for the statistics from the other processes: the
+                        # next block's captures start at once, whatever the peers are still doing
+                        result.update(overlapped.submit(solve, self._mine(stage, owners), per_task,
+                                                        before=lambda pending=in_flight: self._settle(pending)))
                     elif stage:
                         new = self._timed_solve(solve, stage, per_task, owners if deferred else None)
                         result.update(new)
@@ -395,6 +412,7 @@ class Calibration:
                 bar.update(1)
             if overlapped is not None:
                 result.update(overlapped.finish())
+                self._settle(trailing)
             if deferred:
                 t0 = time.perf_counter()
                 result = self._share(result, owners)
@@ -459,15 +477,16 @@ class _OverlappedSolves:
         self.pending: Future | None = None
         self.waited = 0.0
 
-    def submit(self, solve: StageSolve, names: list[str], per_task) -> dict[str, Delta]:
-        """Start this stage's solve; returns the previous stage's deltas (empty for the first)."""
+    def submit(self, solve: StageSolve, names: list[str], per_task, before=None) -> dict[str, Delta]:
+        """Start this stage's solve, after ``before()`` (run on the worker, on its stream); returns the previous
+        stage's deltas (empty for the first)."""
         done = self._collect()
         if self.cuda:
             self.side.wait_stream(self.main)  # the statistics are complete when the solve starts
             for stats in per_task:
                 for st in stats.values():
                     _map_tensors(st, self._used_on_side)
-        self.pending = self.pool.submit(self._run, solve, names, per_task)
+        self.pending = self.pool.submit(self._run, solve, names, per_task, before)
         return done
 
     def _used_on_side(self, t: torch.Tensor) -> torch.Tensor:
@@ -476,10 +495,14 @@ class _OverlappedSolves:
         return t
 
     @torch.no_grad()  # grad mode is per thread
-    def _run(self, solve, names, per_task) -> dict[str, Delta]:
+    def _run(self, solve, names, per_task, before) -> dict[str, Delta]:
         if not self.cuda:
+            if before is not None:
+                before()
             return solve(names, per_task)
         with torch.cuda.stream(self.side):
+            if before is not None:
+                before()
             out = solve(names, per_task)
         for delta in out.values():
             for t in vars(delta).values():

@@ -340,6 +340,7 @@ class StatsCollector:
         # their group, ``owner`` (group -> rank) being set for the groups gathered; the other ranks drop them
         self.ranks = None
         self.owner: dict[str, int] = {}
+        self.in_flight: list = []  # statistics sent or being received: Ranks.settle before they are used
         # Registered after the injector's hooks, so output hooks see the adapter's update already added.
         self._handles = [layers[g.name].register_forward_pre_hook(self._input_hook(g)) for g in groups]
         self._handles += [m.register_forward_hook(self._output_hook(name)) for name, m in layers.items()]
@@ -602,7 +603,7 @@ class StatsCollector:
                 wire = self._wire(st, name, blank=True)
                 recvs += [(t, holder) for t in wire]
                 received.append((st, name, wire[-1]))
-        self.ranks.exchange(sends, recvs)
+        self.in_flight += self.ranks.exchange(sends, recvs)
         for st, name, scalars in received:  # kept as 0-dim tensors: read (a host sync) only where solved
             st.tokens, rest = scalars[0], list(scalars[1:])
             if self._want_cross:
@@ -616,9 +617,10 @@ class StatsCollector:
         group = self._group_by_name[name]
         device = self.layers[name].weight.device
         d, dtype = group.in_features, self.stats_dtype
+        cross = self._keep_cross and self._paired  # (an unpaired sweep's cross term is its Gram)
         if blank:
             st.gram = torch.empty(d, d, dtype=dtype, device=device)
-            if self._keep_cross:
+            if cross:
                 st.cross = torch.empty(d, d, dtype=dtype, device=device)
             if name in self._projections:
                 members, ranks = self._projections[name][:2]
@@ -633,7 +635,7 @@ class StatsCollector:
             if self._out_norms:
                 values += [torch.tensor(st.out_sq[m], dtype=torch.float64, device=device) for m in group.members]
             scalars = torch.stack(values)
-        tensors = [st.gram] + ([st.cross] if self._keep_cross else []) + list(st.proj.values())
+        tensors = [st.gram] + ([st.cross] if cross else []) + list(st.proj.values())
         return [t if t.dtype == dtype else t.to(dtype) for t in tensors] + [scalars]
 
     def _sum_over_ranks(self, stats: dict[str, GroupStats]) -> None:

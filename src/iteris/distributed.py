@@ -39,7 +39,6 @@ class Ranks:
     comm_bytes: int = 0
     comm_seconds: float = 0.0
     timings: dict = field(default_factory=dict)
-    _in_flight: list = field(default_factory=list, repr=False)
 
     @property
     def main(self) -> bool:
@@ -49,7 +48,8 @@ class Ranks:
         """This rank's samples: every world-th one, so all ranks see the same mix of lengths."""
         if len(samples) < self.world:
             raise IterisError(f"{where} has {len(samples)} calibration samples for {self.world} processes; every "
-                              "process needs at least one: give more samples or start fewer processes")
+                              "process needs at least one: give more samples, start fewer processes, or (with at least as many adapters as "
+                              "processes) set calibration.split: adapters")
         return samples[self.rank :: self.world]
 
     def holders(self, sizes: list[int], split: str) -> list[int | None]:
@@ -64,23 +64,12 @@ class Ranks:
         if len(sizes) < self.world:
             raise IterisError(f"calibration.split: adapters gives each of the {self.world} processes whole adapters, "
                               f"and there are {len(sizes)}; set calibration.split: samples (or auto), or start fewer")
-        load = [0] * self.world
-        out: list[int | None] = [None] * len(sizes)
-        for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-            rank = min(range(self.world), key=lambda r: load[r])
-            out[i] = rank
-            load[rank] += sizes[i]
-        return out
+        dealt = _deal(dict(enumerate(sizes)), self.world)
+        return [dealt[i] for i in range(len(sizes))]
 
     def owners(self, costs: dict[str, float]) -> dict[str, int]:
         """Which rank solves each layer group: the costliest first, each to the least loaded rank."""
-        load = [0.0] * self.world
-        out = {}
-        for name in sorted(costs, key=lambda n: -costs[n]):
-            rank = min(range(self.world), key=lambda r: load[r])
-            out[name] = rank
-            load[rank] += costs[name]
-        return out
+        return _deal(costs, self.world)
 
     def sum_to(self, tensors_by_rank: dict[int, list[torch.Tensor]]) -> None:
         """Sum tensors over the ranks into the rank that will use them (in place there; the other ranks'
@@ -111,12 +100,13 @@ class Ranks:
                         t.copy_(flat[offset : offset + t.numel()].view_as(t))
                         offset += t.numel()
 
-    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> list:
         """Point to point, in one batch: each tensor of ``sends`` to its rank, each of ``recvs`` filled from its
-        rank (messages between two ranks pair up in the order given). Not waited for here: ``settle`` does,
-        so that the captures queued meanwhile do not wait for a peer still capturing what it will send."""
+        rank (messages between two ranks pair up in the order given). Returns what is in flight, for
+        ``settle``: nothing waits here, so the captures queued meanwhile never wait for a peer still capturing
+        what it will send."""
         if not sends and not recvs:
-            return
+            return []
         import torch.distributed as dist
 
         start = time.perf_counter()
@@ -124,19 +114,19 @@ class Ranks:
         ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
         with self._talking():
             works = dist.batch_isend_irecv(ops)
-        self._in_flight.append((works, [t for t, _ in sends + recvs]))  # the tensors stay alive until settled
         self.comm_bytes += sum(t.numel() * t.element_size() for t, _ in sends + recvs)
         self.comm_seconds += time.perf_counter() - start
+        return [(works, [t for t, _ in sends + recvs])]  # the tensors stay alive until settled
 
-    def settle(self) -> None:
-        """Every exchange sent or received before it is complete for what runs after (on a GPU: the stream
-        waits, not the host)."""
+    def settle(self, in_flight: list) -> None:
+        """What ``exchange`` returned is complete for whatever the current stream runs next (on a GPU the
+        stream waits, not the host; a solve's side stream can wait alone, leaving the captures running)."""
         start = time.perf_counter()
         with self._talking():
-            for works, _ in self._in_flight:
+            for works, _ in in_flight:
                 for work in works:
                     work.wait()
-        self._in_flight.clear()
+        in_flight.clear()
         self.comm_seconds += time.perf_counter() - start
 
     def share(self, mine: dict, owner: dict[str, int], order: list[str], device_of) -> dict:
@@ -197,6 +187,17 @@ class Ranks:
 
         with self._talking():
             dist.barrier()
+
+
+def _deal(costs: dict, world: int) -> dict:
+    """Items to ranks, the costliest first, each to the least loaded rank (ties: the lowest rank)."""
+    load = [0.0] * world
+    out = {}
+    for key in sorted(costs, key=lambda k: -costs[k]):
+        rank = min(range(world), key=lambda r: load[r])
+        out[key] = rank
+        load[rank] += costs[key]
+    return out
 
 
 def _describe(delta) -> tuple:

@@ -131,16 +131,23 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     else:
         tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model)
         pad_id = tokenizer.pad_token_id
+    model = None
     sharded = sharding.wanted(cfg.calibration.shard, cfg.base_model, ranks)
-    if sharded:
-        if images or cfg.calibration.generate:
-            raise IterisError("a model sharded over processes is run block by block on text samples only: "
-                              f"{'it reads images' if images else 'calibration.generate runs it whole'}; set "
-                              "calibration.shard: off (and start as many processes as the model fits)")
-        model = sharding.load_sharded(cfg.base_model, adapters[0].task_type, all_extras, dtype, targets, ranks)
-        if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+    if sharded:  # (shard: auto holds the model whole where it cannot be sharded; blocks says why)
+        try:
+            if images or cfg.calibration.generate:
+                raise sharding.NotShardable(
+                    "a model sharded over processes is run block by block on text samples only: "
+                    f"{'it reads images' if images else 'calibration.generate runs it whole'}; set calibration.shard: "
+                    "off (and start as many processes as the model fits)")
+            model = sharding.load_sharded(cfg.base_model, adapters[0].task_type, all_extras, dtype, targets, ranks)
+        except sharding.NotShardable:
+            if cfg.calibration.shard == "blocks":
+                raise
+            sharded = False
+        if model is not None and tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id
-    else:
+    if model is None:
         model = models.load_base_model(cfg.base_model, adapters[0].task_type, all_extras, dtype, device, tokenizer,
                                        device_map=cfg.device_map)
     if cfg.device_map:

@@ -24,6 +24,10 @@ SETTINGS = ("auto", "blocks", "off")
 AUTO_FRACTION = 0.4  # auto: shard where the checkpoint takes more than this share of one GPU's memory
 
 
+class NotShardable(IterisError):
+    """This model (or this merge) cannot run with its blocks sharded; ``auto`` then holds it whole."""
+
+
 def wanted(setting: str, path: str, ranks) -> bool:
     """Whether this merge shards the model's blocks over its processes."""
     if setting == "off" or ranks is None:
@@ -39,7 +43,16 @@ def checkpoint_bytes(path: str) -> int:
     index = Path(path) / "model.safetensors.index.json"
     if index.is_file():
         return int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return sum(f.stat().st_size for f in _checkpoint_files(path))
+
+
+def _checkpoint_files(path: str) -> list[Path]:
+    """The model's safetensors files: those its index names, or the single model.safetensors."""
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({root / name for name in json.loads(index.read_text())["weight_map"].values()})
+    return [root / "model.safetensors"] if (root / "model.safetensors").is_file() else []
 
 
 def load_sharded(path: str, task_type: str | None, extra_tensors: dict, dtype: torch.dtype, layer_names: list[str],
@@ -49,32 +62,44 @@ def load_sharded(path: str, task_type: str | None, extra_tensors: dict, dtype: t
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    files = sorted(Path(path).glob("*.safetensors"))
+    files = _checkpoint_files(path)
     if not files:
-        raise IterisError(f"sharding a model over processes reads safetensors checkpoints; '{path}' has none "
-                          "(save it with save_pretrained(safe_serialization=True)), or set calibration.shard: off")
+        raise NotShardable(f"sharding a model over processes reads its rows from a local safetensors checkpoint "
+                           f"(model.safetensors or an index of shards); '{path}' has none: save it with "
+                           "save_pretrained into a directory, or set calibration.shard: off")
     auto_cls, config, kwargs = auto_class(path, task_type, extra_tensors)
     for key, value in kwargs.items():
         setattr(config, key, value)
     with init_empty_weights(include_buffers=False):  # parameters on the meta device, buffers (rotary tables) real
         model = auto_cls.from_config(config, dtype=dtype)
     found = block_list(model, layer_names)
-    if found is None:
-        raise IterisError(f"{type(model).__name__} keeps its target layers outside one list of blocks, so its blocks "
-                          "cannot be sharded over processes; set calibration.shard: off")
-    blocks = list(found[0])
+    if found is None or getattr(model.config, "is_encoder_decoder", False):
+        raise NotShardable(f"{type(model).__name__} does not keep its target layers in one list of blocks walked "
+                           "in turn, so its blocks cannot be sharded over processes; set calibration.shard: off")
+    odd = sorted({type(model.get_submodule(n)).__name__ for n in layer_names} - {"Linear"})
+    if odd:
+        raise NotShardable(f"sharding over processes splits nn.Linear weights by rows; target layers of type {odd} "
+                           "are not: set calibration.shard: off")
     device_type = "cuda" if ranks.device.startswith("cuda") else "cpu"
     mesh = init_device_mesh(device_type, (ranks.world,))
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
+    for block in found[0]:
+        # a block called on its own is an FSDP root, which by default keeps its weights gathered after a call
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     model.to_empty(device=ranks.device)
+    model.tie_weights()  # to_empty parts tied weights (a head tied to the embeddings has no tensor of its own)
     with torch.no_grad():
         for name, value in buffers.items():
             model.get_buffer(name).copy_(value)
         _read_weights(model, files, ranks)
     model.eval().requires_grad_(False)
     return model
+
+
+def _is_unit(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def _read_weights(model: nn.Module, files: list[Path], ranks) -> None:
@@ -94,9 +119,7 @@ def _read_weights(model: nn.Module, files: list[Path], ranks) -> None:
                     param.copy_(f.get_tensor(key))
                     continue
                 local = param.to_local()
-                rows = f.get_slice(key).get_shape()[0]
-                size = math.ceil(rows / ranks.world)
-                start, stop = min(ranks.rank * size, rows), min((ranks.rank + 1) * size, rows)
+                start, stop = _rows(f.get_slice(key).get_shape()[0], ranks)
                 if local.shape[0] != stop - start:
                     raise IterisError(f"'{key}': this process holds {local.shape[0]} rows of it, expected {stop - start}")
                 if stop > start:
@@ -108,9 +131,9 @@ def _read_weights(model: nn.Module, files: list[Path], ranks) -> None:
 
 
 def fsdp_units(module: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+    """The sharded blocks in a module (itself, if it is one; every one of a model, those past its last target
+    layer too)."""
+    return [m for m in module.modules() if _is_unit(m)]
 
 
 def gather(block: nn.Module) -> None:
@@ -139,8 +162,11 @@ def adapted_weight_norms(layers: dict[str, nn.Module], loras: dict[str, list], r
     partial = []
     for name in names:
         weight = layers[name].weight
-        local = weight.to_local() if isinstance(weight, DTensor) else weight
-        share = _row_share(weight, ranks)
+        if isinstance(weight, DTensor):
+            share, local = slice(*_rows(weight.shape[0], ranks)), weight.to_local()
+        else:  # whole on every process: counted once
+            share = slice(0, weight.shape[0] if ranks.rank == 0 else 0)
+            local = weight[share]
         W0 = local.detach()
         W0 = W0.to(torch.promote_types(W0.dtype, torch.float32))
         partial.append(W0.pow(2).sum(dtype=torch.float64))
@@ -169,12 +195,7 @@ def adapted_weight_norms(layers: dict[str, nn.Module], loras: dict[str, list], r
     return out
 
 
-def _row_share(weight: torch.Tensor, ranks) -> slice:
-    """The rows of a (d_out x d_in) weight this process counts: its FSDP2 chunk."""
-    from torch.distributed.tensor import DTensor
-
-    rows = weight.shape[0]
-    if not isinstance(weight, DTensor):  # whole on every process: counted once
-        return slice(0, rows if ranks.rank == 0 else 0)
+def _rows(rows: int, ranks) -> tuple[int, int]:
+    """The rows [start, stop) of a dim-0-sharded weight this process holds, as FSDP2 splits them (torch.chunk)."""
     size = math.ceil(rows / ranks.world)
-    return slice(min(ranks.rank * size, rows), min((ranks.rank + 1) * size, rows))
+    return min(ranks.rank * size, rows), min((ranks.rank + 1) * size, rows)
