@@ -186,6 +186,8 @@ def main():
                         help="calibration.shard: blocks shards every block's weights over the processes (FSDP2)")
     parser.add_argument("--stream-checkpoint", action="store_true",
                         help="write the random checkpoint and adapters tensor by tensor (always for 70b)")
+    parser.add_argument("--workdir", default=None,
+                        help="where the random checkpoint, adapters and outputs go (e.g. /dev/shm for 70b: 140 GB)")
     parser.add_argument("--splits", default="auto",
                         help="comma-separated calibration.split values to run on more than one process (auto, adapters, samples)")
     parser.add_argument("--out", default=None)
@@ -198,7 +200,7 @@ def main():
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     print(f"{name} x{torch.cuda.device_count() if cuda else os.cpu_count()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
         save_model(args.size, root / "base", device, stream=args.stream_checkpoint or args.size == "70b")
         torch.cuda.empty_cache() if cuda else None
