@@ -67,6 +67,10 @@ def _adapter_weights(path):
     ("t5", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4, "split": "samples"}),
     ("llama", {"method": "regmean", "split": "adapters"}),
     ("llama", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4, "with_pretrain_matrix": True, "split": "adapters"}),
+    # four processes, two adapters: each adapter on a group of two, a share of its samples each
+    ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4, "split": "adapters", "world": 4}),
+    ("llama", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4, "with_pretrain_matrix": True, "split": "adapters",
+               "world": 4, "overlap": "on"}),
     # each block's weights sharded over the two processes (FSDP2), gathered per visit of the walk
     ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4, "split": "adapters", "shard": "blocks"}),
     ("llama", {"iterations": 1, "alpha1": 0.0, "alpha2": 1e-4, "schedule": "sequential", "split": "samples",
@@ -76,9 +80,11 @@ def test_two_processes_give_the_single_process_merge(tmp_path, tiny_family_dir, 
                                                      family, parameters):
     kind = "jsonl_t5" if family == "t5" else "jsonl"
     data = [calibration_file(kind, n=5, seed=s) for s in (0, 1)]
-    config = _config(tiny_family_dir(family), adapters_for(family), data, **parameters)
+    world = parameters.get("world", 2)
+    config = _config(tiny_family_dir(family), adapters_for(family), data,
+                     **{k: v for k, v in parameters.items() if k != "world"})
     single = iteris.merge(json.loads(json.dumps(config)), out=tmp_path / "single")
-    mp.spawn(_rank, args=(2, _free_port(), config, str(tmp_path / "spread"), None), nprocs=2, join=True)
+    mp.spawn(_rank, args=(world, _free_port(), config, str(tmp_path / "spread"), None), nprocs=world, join=True)
     a, b = _adapter_weights(tmp_path / "single"), _adapter_weights(tmp_path / "spread")
     assert set(a) == set(b)
     dense = parameters.get("with_pretrain_matrix", False)  # cut to LoRA factors by an SVD: only B A is unique
@@ -90,7 +96,9 @@ def test_two_processes_give_the_single_process_merge(tmp_path, tiny_family_dir, 
             torch.testing.assert_close(b[up] @ b[key], a[up] @ a[key], rtol=1e-9, atol=1e-12)
     report = json.loads((tmp_path / "spread" / "merge_report.json").read_text())
     ranks = report["distributed"]["ranks"]
-    assert report["distributed"]["world_size"] == 2 and [r["rank"] for r in ranks] == [0, 1]
+    assert report["distributed"]["world_size"] == world and [r["rank"] for r in ranks] == list(range(world))
+    if world == 4:
+        assert report["distributed"]["adapter_ranks"] == {"a0": [0, 1], "a1": [2, 3]}
     if config["calibration"]["shard"] == "blocks":
         assert report["calibration"]["sharded_over_processes"] == 2
     split = config["calibration"]["split"]
@@ -139,13 +147,15 @@ def test_torchrun_launches_the_cli(tmp_path, tiny_family_dir, adapters_for, cali
     assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["distributed"]["world_size"] == 2
 
 
-def test_adapters_are_dealt_out_by_size_and_split_falls_back_to_samples():
+def test_adapters_are_dealt_out_by_size_or_to_groups_and_split_falls_back_to_samples():
     from iteris.distributed import Ranks
     from iteris.errors import IterisError
 
     two = Ranks(rank=0, world=2, device="cpu", backend="gloo")
-    assert two.holders([10, 30, 20, 20], "adapters") == [0, 0, 1, 1]  # 30 + 10 | 20 + 20 tokens
-    assert two.holders([10, 30, 20, 20], "auto") == [0, 0, 1, 1]
+    assert two.holders([10, 30, 20, 20], "adapters") == [(0,), (0,), (1,), (1,)]  # 30 + 10 | 20 + 20 tokens
+    assert two.holders([10, 30, 20, 20], "auto") == [(0,), (0,), (1,), (1,)]
+    four = Ranks(rank=0, world=4, device="cpu", backend="gloo")
+    assert four.holders([10, 30], "auto") == [(0, 1), (2, 3)]  # fewer adapters: a group of ranks each
     assert two.holders([10, 30, 20], "auto") == [None] * 3  # 3 adapters, 2 ranks: each a share of every one
     assert two.holders([10, 30, 20, 20], "samples") == [None] * 4
     with pytest.raises(IterisError, match="set calibration.split: samples"):

@@ -60,14 +60,13 @@ class Calibration:
         sharded: bool = False,
     ):
         self.ranks = ranks  # distributed.Ranks when several processes share the merge
-        self.holders: list[int | None] | None = None  # which rank captures each adapter whole (None: all, a share each)
+        # which ranks capture each adapter (one: whole; several: a share each; None: all, summed by reduce)
+        self.holders: list[tuple[int, ...] | None] | None = None
         probe_sample = task_samples[0][:1]
         if ranks is not None:
             self.holders = ranks.holders([_size(s) for s in task_samples], split)
-            task_samples = [
-                ranks.shard(s, f"adapter '{n}'") if h is None else (s if h == ranks.rank else [])
-                for s, n, h in zip(task_samples, task_names, self.holders)
-            ]
+            task_samples = [ranks.shard(s, f"adapter '{n}'", among=h) for s, n, h in zip(task_samples, task_names,
+                                                                                      self.holders)]
         self.model = model
         self.layers = layers
         self.task_samples = task_samples
@@ -293,11 +292,11 @@ class Calibration:
         out, self.collector.in_flight = self.collector.in_flight, []
         return out
 
-    def _settle(self, in_flight: list) -> None:
+    def _settle(self, in_flight: list, then: bool = True) -> None:
         """Several processes: the stage's statistics sent between ranks have arrived, for what the current
-        stream runs next."""
+        stream runs next (and, with ``then``, shares of one adapter's statistics are summed)."""
         if in_flight:
-            self.ranks.settle(in_flight)
+            self.ranks.settle(in_flight, then)
 
     def onload(self, group: str, st: GroupStats) -> GroupStats:
         """A group's statistics where its layer is (a copy, if they were offloaded): what a solve reads."""
@@ -386,7 +385,7 @@ class Calibration:
                         # the main stream waits for the previous stage's traffic only (long done, as a rule):
                         # until then the tensors it sent stay alive, so their memory is not reused under a send
                         # (on CPUs a transfer is waited for once, by the solve's worker)
-                        self._settle(trailing)
+                        self._settle(trailing, then=False)
                         trailing = list(in_flight)
                     capture += time.perf_counter() - t0
                     if stage and overlapped is not None:
@@ -412,7 +411,7 @@ class Calibration:
                 bar.update(1)
             if overlapped is not None:
                 result.update(overlapped.finish())
-                self._settle(trailing)
+                self._settle(trailing, then=False)
             if deferred:
                 t0 = time.perf_counter()
                 result = self._share(result, owners)

@@ -320,6 +320,38 @@ def mirror_gram(acc: torch.Tensor) -> None:
             acc[b, a].copy_(acc[a, b].T)
 
 
+def _add_shares(target: GroupStats, mine: GroupStats | None, parts: list, members: list[str], cross: bool,
+                want_norm: bool, keep_cross: bool, out_norms: bool) -> None:
+    """One task's statistics of a group from its shares (this rank's, if it captured one, and those received,
+    each with its scalars tensor: tokens, then output norms), summed into ``target`` (``mine`` or a blank)."""
+    shares = parts
+    gram = mine.full_gram() if mine is not None else None
+    for part, _ in shares:
+        gram = part.full_gram() if gram is None else gram.add_(part.full_gram())
+    target.gram, target.packed = gram, None
+    proj = dict(mine.proj) if mine is not None else {}
+    for part, _ in shares:
+        for m, t in part.proj.items():
+            proj[m] = t if m not in proj else proj[m] + t
+    target.proj = proj
+    total = mine.cross if mine is not None else None
+    for part, _ in shares:
+        if part.cross is not None:
+            total = part.cross if total is None else total.add_(part.cross)
+    tokens = mine.tokens if mine is not None else 0
+    out_sq = dict(mine.out_sq) if mine is not None else {}
+    for _, scalars in shares:
+        tokens = tokens + scalars[0]
+        if out_norms:
+            for m, value in zip(members, scalars[1:]):
+                out_sq[m] = out_sq.get(m, 0.0) + value
+    target.tokens, target.out_sq = tokens, out_sq
+    if want_norm:
+        summed = total if cross else target.gram  # unpaired: the cross term is the Gram
+        target.cross_norm = torch.linalg.vector_norm(summed, dtype=torch.float64)
+    target.cross = total if keep_cross and cross else None
+
+
 class StatsCollector:
     """Accumulates ``GroupStats`` for one task at a time through forward hooks.
 
@@ -573,14 +605,16 @@ class StatsCollector:
             self._stash.clear()
             self._recall = None
 
-    def finish(self, holder: int | None = None) -> dict[str, GroupStats]:
+    def finish(self, holders: tuple[int, ...] | None = None) -> dict[str, GroupStats]:
         """The task's statistics. Several processes: those of the groups this rank solves, complete: summed over
-        the ranks (``holder`` None: each captured a share of the samples) or sent by the rank that captured the
-        whole task (``holder``)."""
+        all ranks (``holders`` None: each captured a share of the samples), sent by the one rank that captured
+        the whole task, or (several ``holders``, a share each) sent by each and summed where solved, once they
+        have arrived (``Ranks.settle``)."""
         stats, self._stats = self._stats, {}
         self._stash.clear()
         self._masks = {}
-        if self.ranks is not None and holder is None:
+        shares = self.ranks is not None and holders is not None and len(holders) > 1
+        if self.ranks is not None and holders is None:
             self._sum_over_ranks(stats)
         for group_name, st in stats.items():
             parts = self._parts.pop(group_name, None)
@@ -601,17 +635,49 @@ class StatsCollector:
                 st.proj = dict(zip(members, whole.split(ranks)))
                 if st.rows is not None:
                     st.own_proj = dict(zip(members, own_proj.split(ranks, dim=1)))
+            if shares:
+                continue  # the cross term's norm is taken of the sum of the shares, where it is solved
             if self._want_cross:
                 st.cross_norm = self._cross_norm(st, own_rows)  # stays on the device
             if not self._keep_cross:
                 st.cross = None  # only its norm was needed: free d_in^2 per group now
         for name, value in self._out_sq.items():
             stats[self._group_of[name]].out_sq[name] = float(value)
-        if self.ranks is not None and holder is not None:
-            self._pass_to_owners(stats, holder)
+        if shares:
+            self._sum_shares_where_solved(stats, holders)
+        elif self.ranks is not None and holders is not None:
+            self._pass_to_owners(stats, holders[0])
         self._projections = {}
         self._out_sq = {}
         return stats
+
+    def _sum_shares_where_solved(self, stats: dict[str, GroupStats], holders: tuple[int, ...]) -> None:
+        """A task captured in shares by several ranks: each share's statistics (cross term still whole) sent to
+        the rank solving the group, summed there after arrival, then its cross term's norm taken."""
+        me = self.ranks.rank
+        sends, recvs, sums = [], [], []
+        cross = self._want_cross and self._paired
+        want_norm, keep_cross = self._want_cross, self._keep_cross
+        for name in sorted(self._active):
+            owner = self.owner[name]
+            if me in holders and me != owner:
+                sends += [(t, owner) for t in self._wire(stats.pop(name), name, share=True)]
+            elif me == owner:
+                parts = []
+                for peer in holders:
+                    if peer == me:
+                        continue
+                    part = GroupStats(gram=None, cross=None, same_inputs=not self._paired)
+                    wire = self._wire(part, name, blank=True, share=True)
+                    recvs += [(t, peer) for t in wire]
+                    parts.append((part, wire[-1]))
+                mine = stats.get(name)
+                target = mine if mine is not None else GroupStats(gram=None, cross=None, same_inputs=not self._paired)
+                stats[name] = target
+                members = self._group_by_name[name].members
+                sums.append(lambda t=target, m=mine, p=parts, ms=members, on=self._out_norms: _add_shares(
+                    t, m, p, ms, cross, want_norm, keep_cross, on))
+        self.in_flight += self.ranks.exchange(sends, recvs) + sums
 
     def _pass_to_owners(self, stats: dict[str, GroupStats], holder: int) -> None:
         """A task captured whole on rank ``holder``: each of its groups' finished statistics sent to the rank
@@ -638,13 +704,16 @@ class StatsCollector:
             if self._out_norms:
                 st.out_sq = dict(zip(self._group_by_name[name].members, rest))
 
-    def _wire(self, st: GroupStats, name: str, blank: bool = False) -> list[torch.Tensor]:
+    def _wire(self, st: GroupStats, name: str, blank: bool = False, share: bool = False) -> list[torch.Tensor]:
         """A finished group's statistics as the tensors that travel, in a fixed order; ``blank``: empty ones of
-        that layout (set on ``st``) to receive into. The scalars (tokens, ||X^T Xh||, output norms) go as one."""
+        that layout (set on ``st``) to receive into. The scalars (tokens, ||X^T Xh||, output norms) go as one.
+        ``share``: one share of a task's samples: the cross term travels whole (its norm is taken of the sum)."""
         group = self._group_by_name[name]
         device = self.layers[name].weight.device
         d, dtype = group.in_features, self.stats_dtype
-        cross = self._keep_cross and self._paired  # (an unpaired sweep's cross term is its Gram)
+        # (an unpaired sweep's cross term is its Gram)
+        cross = (self._want_cross if share else self._keep_cross) and self._paired
+        norm = self._want_cross and not share
         if blank:  # the Gram arrives packed, and is unpacked where it is solved (full_gram)
             st.packed = torch.empty(sum(b.numel() for b in upper_blocks(torch.empty(d, d, device="meta"))),
                                     dtype=dtype, device=device)
@@ -654,12 +723,12 @@ class StatsCollector:
             if name in self._projections:
                 members, ranks = self._projections[name][:2]
                 st.proj = {m: torch.empty(r, d, dtype=dtype, device=device) for m, r in zip(members, ranks)}
-        n_scalars = 1 + self._want_cross + (len(group.members) if self._out_norms else 0)
+        n_scalars = 1 + norm + (len(group.members) if self._out_norms else 0)
         if blank:
             scalars = torch.empty(n_scalars, dtype=torch.float64, device=device)
         else:
             values = [torch.tensor(float(st.tokens), dtype=torch.float64, device=device)]
-            if self._want_cross:
+            if norm:
                 values.append(st.cross_norm.to(device=device, dtype=torch.float64).reshape(()))
             if self._out_norms:
                 values += [torch.tensor(st.out_sq[m], dtype=torch.float64, device=device) for m in group.members]

@@ -30,8 +30,9 @@ class CalibrationConfig:
     overlap: str = "auto"  # solve each block while the next is captured (global schedule); auto: on a GPU
     offload_stats: bool = False  # keep finished statistics in CPU memory; a layer group's return to the GPU for its solve
     # several processes (torchrun): adapters = each process captures whole adapters (only finished statistics
-    # travel, to the process solving their layer); samples = each a share of every adapter's samples (raw sums
-    # reduced); auto = adapters when their number is a multiple of the processes'
+    # travel, to the process solving their layer), or with fewer adapters than processes each adapter its own
+    # group of processes; samples = each a share of every adapter's samples (raw sums reduced); auto = adapters
+    # where either number divides the other
     split: str = "auto"
     # several processes: blocks = each block's weights sharded over them (FSDP2; for models larger than one GPU);
     # off = each holds the whole model; auto = blocks where the checkpoint takes over 40% of one GPU's memory

@@ -44,28 +44,39 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, samples: list, where: str) -> list:
-        """This rank's samples: every world-th one, so all ranks see the same mix of lengths."""
-        if len(samples) < self.world:
-            raise IterisError(f"{where} has {len(samples)} calibration samples for {self.world} processes; every "
-                              "process needs at least one: give more samples, start fewer processes, or (with at least as many adapters as "
-                              "processes) set calibration.split: adapters")
-        return samples[self.rank :: self.world]
+    def shard(self, samples: list, where: str, among: tuple[int, ...] | None = None) -> list:
+        """This rank's samples: every n-th one of the ``among`` ranks' (all ranks by default), so all of them
+        see the same mix of lengths; none for a rank outside ``among``."""
+        among = tuple(range(self.world)) if among is None else among
+        if len(samples) < len(among):
+            raise IterisError(f"{where} has {len(samples)} calibration samples for {len(among)} processes; every "
+                              "process needs at least one: give more samples, start fewer processes, or (with at least "
+                              "as many adapters as processes) set calibration.split: adapters")
+        if self.rank not in among:
+            return []
+        return samples[among.index(self.rank) :: len(among)]
 
-    def holders(self, sizes: list[int], split: str) -> list[int | None]:
-        """Which rank captures each adapter whole (None: every rank captures a share of its samples).
+    def holders(self, sizes: list[int], split: str) -> list[tuple[int, ...] | None]:
+        """Which ranks capture each adapter (None: all ranks, their shares of its samples summed by ``reduce``).
 
-        ``split`` adapters: dealt out by size (tokens), largest first to the least loaded rank; samples: shared;
-        auto: adapters when each rank gets as many, samples otherwise."""
+        ``split`` adapters: with at least as many adapters as ranks, each adapter whole on one rank, dealt out by
+        size (tokens); with fewer, each adapter on its own group of world / adapters ranks, a share of its
+        samples each. samples: every adapter shared by all ranks. auto: adapters where either count divides
+        the other."""
+        n, world = len(sizes), self.world
         if split == "auto":
-            split = "adapters" if len(sizes) % self.world == 0 else "samples"
+            split = "adapters" if n % world == 0 or world % n == 0 else "samples"
         if split == "samples":
-            return [None] * len(sizes)
-        if len(sizes) < self.world:
-            raise IterisError(f"calibration.split: adapters gives each of the {self.world} processes whole adapters, "
-                              f"and there are {len(sizes)}; set calibration.split: samples (or auto), or start fewer")
-        dealt = _deal(dict(enumerate(sizes)), self.world)
-        return [dealt[i] for i in range(len(sizes))]
+            return [None] * n
+        if n < world:
+            if world % n:
+                raise IterisError(f"calibration.split: adapters gives each of the {n} adapters an equal group of the "
+                                  f"{world} processes; {world} is not a multiple of {n}: set calibration.split: "
+                                  "samples (or auto), or start a multiple of the adapters' number")
+            group = world // n
+            return [tuple(range(i * group, (i + 1) * group)) for i in range(n)]
+        dealt = _deal(dict(enumerate(sizes)), world)
+        return [(dealt[i],) for i in range(n)]
 
     def owners(self, costs: dict[str, float]) -> dict[str, int]:
         """Which rank solves each layer group: the costliest first, each to the least loaded rank."""
@@ -118,14 +129,20 @@ class Ranks:
         self.comm_seconds += time.perf_counter() - start
         return [(works, [t for t, _ in sends + recvs])]  # the tensors stay alive until settled
 
-    def settle(self, in_flight: list) -> None:
+    def settle(self, in_flight: list, then: bool = True) -> None:
         """What ``exchange`` returned is complete for whatever the current stream runs next (on a GPU the
-        stream waits, not the host; a solve's side stream can wait alone, leaving the captures running)."""
+        stream waits, not the host; a solve's side stream can wait alone, leaving the captures running).
+        ``then``: run what was to follow the arrival (callables in ``in_flight``), once, on this stream."""
         start = time.perf_counter()
         with self._talking():
-            for works, _ in in_flight:
-                for work in works:
-                    work.wait()
+            for entry in in_flight:
+                if not callable(entry):
+                    for work in entry[0]:
+                        work.wait()
+        if then:
+            for entry in in_flight:
+                if callable(entry):
+                    entry()
         in_flight.clear()
         self.comm_seconds += time.perf_counter() - start
 
