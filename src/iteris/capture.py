@@ -325,6 +325,10 @@ def _add_shares(target: GroupStats, mine: GroupStats | None, parts: list, member
     """One task's statistics of a group from its shares (this rank's, if it captured one, and those received,
     each with its scalars tensor: tokens, then output norms), summed into ``target`` (``mine`` or a blank)."""
     shares = parts
+    for part, scalars in shares:  # received on the main stream, read here (maybe on a solve's side stream)
+        for t in [part.packed, part.cross, scalars, *part.proj.values()]:
+            if t is not None and t.is_cuda:
+                t.record_stream(torch.cuda.current_stream(t.device))
     gram = mine.full_gram() if mine is not None else None
     for part, _ in shares:
         gram = part.full_gram() if gram is None else gram.add_(part.full_gram())
