@@ -144,8 +144,11 @@ def write_data(root: Path, adapters: int, samples: int, tokens: int) -> list[Pat
     return paths
 
 
-def run(procs: int, config: Path, out: Path) -> float:
+def run(procs: int, config: Path, out: Path, profile: str | None = None) -> float:
     command = [sys.executable, "-m", "iteris", "merge", str(config), "--out", str(out), "--force", "--quiet"]
+    if profile:  # each rank under torch.profiler, its tables in PROFILE/<procs>/rank<N>.txt
+        here = Path(__file__).resolve().parent
+        command = [sys.executable, str(here / "profile_rank.py"), str(config), str(out), str(Path(profile) / str(procs))]
     if procs > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs)] + command[1:]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
@@ -186,6 +189,9 @@ def main():
                         help="calibration.shard: blocks shards every block's weights over the processes (FSDP2)")
     parser.add_argument("--stream-checkpoint", action="store_true",
                         help="write the random checkpoint and adapters tensor by tensor (always for 70b)")
+    parser.add_argument("--profile", default=None,
+                        help="a folder: run every rank under torch.profiler and write its top kernels and host ops there "
+                             "(slower: use few iterations; the timings are then the profiled ones)")
     parser.add_argument("--workdir", default=None,
                         help="where the random checkpoint, adapters and outputs go (e.g. /dev/shm for 70b: 140 GB)")
     parser.add_argument("--splits", default="auto",
@@ -221,7 +227,7 @@ def main():
             path = root / f"merge_{n}_{split}_{samples}.yaml"
             path.write_text(json.dumps(config))
             out = root / f"out_{n}_{split}_{samples}"
-            wall = run(n, path, out)
+            wall = run(n, path, out, args.profile)
             report = json.loads((out / "merge_report.json").read_text())
             ranks = report.get("distributed", {}).get("ranks") or [{"timings": report["timings"], "bytes_communicated": 0,
                                                                    "communication_seconds": 0.0,
