@@ -42,7 +42,7 @@ def _rank(rank: int, world: int, port: int, config: dict, out: str, fail_rank: i
 
 def _config(base, adapters, data, **parameters):
     calibration = {"batch_size": 2, "overlap": parameters.pop("overlap", "auto"), "split": parameters.pop("split", "auto"),
-                   "shard": parameters.pop("shard", "auto")}
+                   "shard": parameters.pop("shard", "auto"), "offload_stats": parameters.pop("offload_stats", False)}
     return {
         "base_model": str(base), "method": parameters.pop("method", "iteris"), "parameters": parameters,
         "device": "cpu", "dtype": "float64", "progress": False, "calibration": calibration,
@@ -71,6 +71,8 @@ def _adapter_weights(path):
     ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4, "split": "adapters", "world": 4}),
     ("llama", {"iterations": 1, "alpha1": 1e-4, "alpha2": 1e-4, "with_pretrain_matrix": True, "split": "adapters",
                "world": 4, "overlap": "on"}),
+    ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4, "split": "adapters", "world": 4, "overlap": "on",
+               "offload_stats": True}),
     # each block's weights sharded over the two processes (FSDP2), gathered per visit of the walk
     ("llama", {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4, "split": "adapters", "shard": "blocks"}),
     ("llama", {"iterations": 1, "alpha1": 0.0, "alpha2": 1e-4, "schedule": "sequential", "split": "samples",

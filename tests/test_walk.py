@@ -113,6 +113,15 @@ def test_gram_upper_blocks_and_mirror(monkeypatch):
     capture.add_gram(acc, 2 * x)
     capture.mirror_gram(acc)
     torch.testing.assert_close(acc, 5 * x.T @ x, rtol=1e-12, atol=1e-12)
+    # what travels between processes: the upper blocks only, and the Gram again from them
+    packed = capture.pack_gram(acc)
+    assert packed.numel() == capture.packed_size(11) == 3 * 3 + 3 * 4 + 3 * 4 + 4 * 4 + 4 * 4 + 4 * 4
+    torch.testing.assert_close(capture.unpack_gram(packed, 11), acc, rtol=0, atol=0)
+    into = torch.full((11, 11), float("nan"), dtype=torch.float64)
+    capture.unpack_gram(packed, 11, into=into)
+    assert torch.equal(torch.triu(into), torch.triu(acc))
+    monkeypatch.setattr(capture, "_gram_blocks", lambda d: [slice(0, d)])
+    assert capture.pack_gram(acc).data_ptr() == acc.data_ptr()  # one block: the Gram itself travels
 
 
 @pytest.mark.parametrize("params", [

@@ -282,9 +282,13 @@ class Calibration:
         GPU holds one task's statistics while capturing and one group's while solving."""
         stats = self.collector.finish(self.holders[task] if self.holders else None)
         if self.offload_stats:
-            self._settle(self._in_flight())  # what other processes sent must have arrived before it is copied
+            # what other processes send stays where it arrives (its solve reads it next); scalars stay on the
+            # device (read on the host only where solved, and a pinned copy would not be waited for)
+            received = {id(st) for st in self.collector.received}
             for st in stats.values():
-                _map_tensors(st, _to_host)
+                if id(st) not in received:
+                    _map_tensors(st, lambda t: t if t.dim() == 0 else _to_host(t))
+        self.collector.received = []
         return stats
 
     def _in_flight(self) -> list:
@@ -386,7 +390,7 @@ class Calibration:
                         # until then the tensors it sent stay alive, so their memory is not reused under a send
                         # (on CPUs a transfer is waited for once, by the solve's worker)
                         self._settle(trailing, then=False)
-                        trailing = list(in_flight)
+                        trailing = [entry for entry in in_flight if not callable(entry)]
                     capture += time.perf_counter() - t0
                     if stage and overlapped is not None:
                         # the solve's stream alone waits for the statistics from the other processes: the

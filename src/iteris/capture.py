@@ -298,18 +298,35 @@ def upper_blocks(acc: torch.Tensor) -> list[torch.Tensor]:
     return [acc[a, b] for i, a in enumerate(blocks) for b in blocks[i:]]
 
 
+def packed_size(d: int) -> int:
+    return sum(b.numel() for b in upper_blocks(torch.empty(d, d, device="meta")))
+
+
 def pack_gram(acc: torch.Tensor) -> torch.Tensor:
-    """A Gram's upper blocks in one flat tensor: what travels between processes (5/8 of it for d_in > 8192)."""
-    return torch.cat([b.reshape(-1) for b in upper_blocks(acc)])
+    """A Gram's upper blocks in one flat tensor: what travels between processes (5/8 of it for d_in > 8192;
+    for d_in <= 2048, one block: the Gram itself, not a copy)."""
+    blocks = upper_blocks(acc)
+    if len(blocks) == 1:
+        return acc.view(-1)
+    packed = torch.empty(packed_size(acc.shape[0]), dtype=acc.dtype, device=acc.device)
+    offset = 0
+    for block in blocks:
+        packed[offset : offset + block.numel()].view(block.shape).copy_(block)
+        offset += block.numel()
+    return packed
 
 
-def unpack_gram(packed: torch.Tensor, d: int) -> torch.Tensor:
-    acc = torch.empty(d, d, dtype=packed.dtype, device=packed.device)
+def unpack_gram(packed: torch.Tensor, d: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    """The Gram from ``pack_gram``'s output, mirrored (``into``: its upper blocks overwritten, not mirrored)."""
+    if into is None and len(_gram_blocks(d)) == 1:
+        return packed.view(d, d)
+    acc = torch.empty(d, d, dtype=packed.dtype, device=packed.device) if into is None else into
     offset = 0
     for block in upper_blocks(acc):
         block.copy_(packed[offset : offset + block.numel()].view(block.shape))
         offset += block.numel()
-    mirror_gram(acc)
+    if into is None:
+        mirror_gram(acc)
     return acc
 
 
@@ -324,27 +341,28 @@ def _add_shares(target: GroupStats, mine: GroupStats | None, parts: list, member
                 want_norm: bool, keep_cross: bool, out_norms: bool) -> None:
     """One task's statistics of a group from its shares (this rank's, if it captured one, and those received,
     each with its scalars tensor: tokens, then output norms), summed into ``target`` (``mine`` or a blank)."""
-    shares = parts
-    for part, scalars in shares:  # received on the main stream, read here (maybe on a solve's side stream)
+    for part, scalars in parts:  # received on the main stream, read here (maybe on a solve's side stream)
         for t in [part.packed, part.cross, scalars, *part.proj.values()]:
             if t is not None and t.is_cuda:
                 t.record_stream(torch.cuda.current_stream(t.device))
     gram = mine.full_gram() if mine is not None else None
-    for part, _ in shares:
-        gram = part.full_gram() if gram is None else gram.add_(part.full_gram())
+    for part, _ in parts:
+        whole = unpack_gram(part.packed, part.packed_dim)
+        gram = whole if gram is None else gram.add_(whole)
+        part.packed = None  # one share's Gram at a time
     target.gram, target.packed = gram, None
     proj = dict(mine.proj) if mine is not None else {}
-    for part, _ in shares:
+    for part, _ in parts:
         for m, t in part.proj.items():
             proj[m] = t if m not in proj else proj[m] + t
     target.proj = proj
     total = mine.cross if mine is not None else None
-    for part, _ in shares:
+    for part, _ in parts:
         if part.cross is not None:
             total = part.cross if total is None else total.add_(part.cross)
     tokens = mine.tokens if mine is not None else 0
     out_sq = dict(mine.out_sq) if mine is not None else {}
-    for _, scalars in shares:
+    for _, scalars in parts:
         tokens = tokens + scalars[0]
         if out_norms:
             for m, value in zip(members, scalars[1:]):
@@ -404,6 +422,7 @@ class StatsCollector:
         self.ranks = None
         self.owner: dict[str, int] = {}
         self.in_flight: list = []  # statistics sent or being received: Ranks.settle before they are used
+        self.received: list[GroupStats] = []  # statistics that arrive (or are summed) only once settled
         # Registered after the injector's hooks, so output hooks see the adapter's update already added.
         self._handles = [layers[g.name].register_forward_pre_hook(self._input_hook(g)) for g in groups]
         self._handles += [m.register_forward_hook(self._output_hook(name)) for name, m in layers.items()]
@@ -678,6 +697,7 @@ class StatsCollector:
                 mine = stats.get(name)
                 target = mine if mine is not None else GroupStats(gram=None, cross=None, same_inputs=not self._paired)
                 stats[name] = target
+                self.received.append(target)
                 members = self._group_by_name[name].members
                 sums.append(lambda t=target, m=mine, p=parts, ms=members, on=self._out_norms: _add_shares(
                     t, m, p, ms, cross, want_norm, keep_cross, on))
@@ -701,6 +721,7 @@ class StatsCollector:
                 recvs += [(t, holder) for t in wire]
                 received.append((st, name, wire[-1]))
         self.in_flight += self.ranks.exchange(sends, recvs)
+        self.received += [st for st, _, _ in received]
         for st, name, scalars in received:  # kept as 0-dim tensors: read (a host sync) only where solved
             st.tokens, rest = scalars[0], list(scalars[1:])
             if self._want_cross:
@@ -719,8 +740,7 @@ class StatsCollector:
         cross = (self._want_cross if share else self._keep_cross) and self._paired
         norm = self._want_cross and not share
         if blank:  # the Gram arrives packed, and is unpacked where it is solved (full_gram)
-            st.packed = torch.empty(sum(b.numel() for b in upper_blocks(torch.empty(d, d, device="meta"))),
-                                    dtype=dtype, device=device)
+            st.packed = torch.empty(packed_size(d), dtype=dtype, device=device)
             st.packed_dim = d
             if cross:
                 st.cross = torch.empty(d, d, dtype=dtype, device=device)
@@ -745,25 +765,22 @@ class StatsCollector:
         ranks, before anything is derived from them; every rank gathered the same groups."""
         if self._parts:
             raise IterisError("inputs kept for a sample-space solve cannot be summed over processes")
-        names = sorted(stats)
-        by_rank: dict[int, list[torch.Tensor]] = {}
-        tokens = {}
-        for g in names:
+        for g in sorted(stats):  # one group at a time: one packed copy of a Gram alive
             st = stats[g]
-            tokens[g] = torch.tensor([float(st.tokens)], dtype=torch.float64, device=st.gram.device)
+            tokens = torch.tensor([float(st.tokens)], dtype=torch.float64, device=st.gram.device)
             out_norms = [self._out_sq[n] for n in sorted(self._out_sq) if self._group_of[n] == g]
             # of the Gram only the blocks computed so far (add_gram's upper triangle: mirrored once summed)
-            by_rank.setdefault(self.owner[g], []).extend(
-                upper_blocks(st.gram) + [t for t in (st.cross, st.proj.get("")) if t is not None] + out_norms
-                + [tokens[g]])
-        self.ranks.sum_to(by_rank)
-        for g in names:
+            packed = pack_gram(st.gram)
+            self.ranks.sum_to({self.owner[g]: [packed] + [t for t in (st.cross, st.proj.get("")) if t is not None]
+                               + out_norms + [tokens]})
             if self.owner[g] != self.ranks.rank:  # another rank solves this group: its partial sums are not needed
                 del stats[g]
                 for n in [n for n in self._out_sq if self._group_of[n] == g]:
                     del self._out_sq[n]
             else:
-                stats[g].tokens = tokens[g][0]  # a 0-dim tensor: read (a host sync) only where solved
+                if packed.data_ptr() != st.gram.data_ptr():
+                    unpack_gram(packed, st.gram.shape[0], into=st.gram)
+                st.tokens = tokens[0]  # a 0-dim tensor: read (a host sync) only where solved
 
     @staticmethod
     def _cross_norm(st: GroupStats, own_rows: torch.Tensor | None) -> torch.Tensor:

@@ -127,7 +127,9 @@ class Ranks:
             works = dist.batch_isend_irecv(ops)
         self.comm_bytes += sum(t.numel() * t.element_size() for t, _ in sends + recvs)
         self.comm_seconds += time.perf_counter() - start
-        return [(works, [t for t, _ in sends + recvs])]  # the tensors stay alive until settled
+        # what is sent stays alive until settled on the stream that allocated it; what is received lives in the
+        # statistics it fills, read only after a settle
+        return [(works, [t for t, _ in sends])]
 
     def settle(self, in_flight: list, then: bool = True) -> None:
         """What ``exchange`` returned is complete for whatever the current stream runs next (on a GPU the
