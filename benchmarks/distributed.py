@@ -51,9 +51,9 @@ def save_model(size: str, path: Path, device: str, stream: bool) -> None:
 
 
 def _meta_model(size: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=speed.VOCAB, max_position_embeddings=4096, **speed.SIZES[size])
+    config = speed.llama_config(size)
     config.dtype = "bfloat16"
     with torch.device("meta"):
         return LlamaForCausalLM(config)

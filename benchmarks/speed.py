@@ -61,10 +61,16 @@ BATCH_SIZE = 8  # samples per forward pass (--batch-size)
 OVERLAP = "auto"  # calibration.overlap (--overlap)
 
 
-def build_model(size: str, device: str, dtype=None):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(size: str):
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **SIZES[size])
+    return LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **SIZES[size])
+
+
+def build_model(size: str, device: str, dtype=None):
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(size)
     config._attn_implementation = "sdpa"
     dtype = dtype or MODEL_DTYPE
     torch.manual_seed(0)

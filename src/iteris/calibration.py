@@ -22,10 +22,10 @@ from .adapters import LoraAdapter
 from .capture import DeltaInjector, GroupStats, LayerGroup, StatsCollector, find_groups
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
-from .solve import weight_norm_sq
 from .models import (
     CallSample, TokenSample, base_weight, batches, find_stack, first_block_call, input_device, make_batch, run_forward,
 )
+from .solve import weight_norm_sq
 
 Delta = LowRankDelta | DenseDelta
 # A method's solve of one stage: (layer names, per-task {group: statistics}) -> {layer: merged delta}.

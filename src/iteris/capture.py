@@ -368,10 +368,11 @@ def _add_shares(target: GroupStats, mine: GroupStats | None, parts: list, member
             for m, value in zip(members, scalars[1:]):
                 out_sq[m] = out_sq.get(m, 0.0) + value
     target.tokens, target.out_sq = tokens, out_sq
+    target.cross = total if cross else None
     if want_norm:
-        summed = total if cross else target.gram  # unpaired: the cross term is the Gram
-        target.cross_norm = torch.linalg.vector_norm(summed, dtype=torch.float64)
-    target.cross = total if keep_cross and cross else None
+        target.cross_norm = StatsCollector._cross_norm(target, None)  # (unpaired: of the Gram)
+    if not keep_cross:
+        target.cross = None
 
 
 class StatsCollector:
@@ -480,7 +481,7 @@ class StatsCollector:
     def _accumulate(self, group: LayerGroup, own: torch.Tensor, mixed: torch.Tensor) -> None:
         st = self._stats.get(group.name)
         if st is None:
-            st = GroupStats(gram=None, cross=None, same_inputs=not self._paired)
+            st = self._blank()
             self._stats[group.name] = st
             expected = self._rows_tokens
             if self._rows_mode == "always" or (self._rows_mode == "auto" and (expected is None or expected < group.in_features)):
@@ -690,12 +691,12 @@ class StatsCollector:
                 for peer in holders:
                     if peer == me:
                         continue
-                    part = GroupStats(gram=None, cross=None, same_inputs=not self._paired)
+                    part = self._blank()
                     wire = self._wire(part, name, blank=True, share=True)
                     recvs += [(t, peer) for t in wire]
                     parts.append((part, wire[-1]))
                 mine = stats.get(name)
-                target = mine if mine is not None else GroupStats(gram=None, cross=None, same_inputs=not self._paired)
+                target = mine if mine is not None else self._blank()
                 stats[name] = target
                 self.received.append(target)
                 members = self._group_by_name[name].members
@@ -715,7 +716,7 @@ class StatsCollector:
             if me == holder:
                 sends += [(t, owner) for t in self._wire(stats.pop(name), name)]
             elif me == owner:
-                st = GroupStats(gram=None, cross=None, same_inputs=not self._paired)
+                st = self._blank()
                 stats[name] = st
                 wire = self._wire(st, name, blank=True)
                 recvs += [(t, holder) for t in wire]
@@ -728,6 +729,10 @@ class StatsCollector:
                 st.cross_norm = rest.pop(0)
             if self._out_norms:
                 st.out_sq = dict(zip(self._group_by_name[name].members, rest))
+
+    def _blank(self) -> GroupStats:
+        """Empty statistics of the current task (filled by its batches, or by what other processes send)."""
+        return GroupStats(gram=None, cross=None, same_inputs=not self._paired)
 
     def _wire(self, st: GroupStats, name: str, blank: bool = False, share: bool = False) -> list[torch.Tensor]:
         """A finished group's statistics as the tensors that travel, in a fixed order; ``blank``: empty ones of

@@ -6,7 +6,9 @@ must hold every adapter's statistics of it exactly as a single process would. Tw
 
 - split by adapters: each rank captures whole adapters (all their samples), so their statistics are complete
   where they are captured; a group's statistics then travel once, point to point, from the adapter's rank to
-  the group's, and norms (the alpha1 term's ||X^T Xh||) need no traffic at all;
+  the group's, and norms (the alpha1 term's ||X^T Xh||) need no traffic at all. With fewer adapters than
+  ranks, each adapter has its own group of ranks, a share of its samples each, whose shares travel point to
+  point to the solving rank and are summed there;
 - split by samples: every rank captures a share of every adapter's samples, and the raw sums are ``reduce``d
   into the solving rank before anything is derived from them (norms, projections, the Gram's mirrored half).
 
@@ -20,7 +22,7 @@ import contextlib
 import datetime
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +40,6 @@ class Ranks:
     backend: str
     comm_bytes: int = 0
     comm_seconds: float = 0.0
-    timings: dict = field(default_factory=dict)
 
     @property
     def main(self) -> bool:
@@ -84,7 +85,8 @@ class Ranks:
 
     def sum_to(self, tensors_by_rank: dict[int, list[torch.Tensor]]) -> None:
         """Sum tensors over the ranks into the rank that will use them (in place there; the other ranks'
-        copies are left as partial sums): one reduce per destination, dtype and device."""
+        copies are left as partial sums): large contiguous tensors reduced in place, the others packed into one
+        reduce per destination, dtype and device."""
         start = time.perf_counter()
         with self._talking():
             self._sum_to(tensors_by_rank)

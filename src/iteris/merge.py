@@ -101,11 +101,9 @@ def resolve_heads(adapters: list[LoraAdapter], policy: str):
 
 def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets: list[str], own, merged, report,
                          ranks=None):
-    from . import models, sharding
+    from . import models, sharding, vision
     from .calibration import Calibration
     from .capture import DeltaInjector
-
-    from . import vision
 
     missing = [s.name for s in cfg.adapters if not s.data]
     if missing:
@@ -145,8 +143,8 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
             if cfg.calibration.shard == "blocks":
                 raise
             sharded = False
-        if model is not None and tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+        if model is not None:
+            models.set_pad_id(model, tokenizer)
     if model is None:
         model = models.load_base_model(cfg.base_model, adapters[0].task_type, all_extras, dtype, device, tokenizer,
                                        device_map=cfg.device_map)

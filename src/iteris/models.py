@@ -116,9 +116,7 @@ def load_base_model(
         model = auto_cls.from_pretrained(path, dtype=dtype, **placement, **kwargs, **(_LOAD_OPTIONS if kwargs else {}))
     except OSError as exc:
         raise IterisError(f"cannot load the base model's weights from '{path}': {exc}") from None
-    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
-        # decoder-only classifiers find each sequence's last token through the pad id
-        model.config.pad_token_id = tokenizer.pad_token_id
+    set_pad_id(model, tokenizer)
     if device_map:
         offloaded = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()
                             if str(d) in ("cpu", "disk", "meta")})
@@ -133,6 +131,13 @@ def load_base_model(
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def set_pad_id(model: nn.Module, tokenizer) -> None:
+    """The tokenizer's pad id on a config without one: decoder-only classifiers find each sequence's last token
+    through it."""
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def load_tokenizer(path: str):

@@ -152,11 +152,15 @@ def release(block: nn.Module) -> None:
 
 def adapted_weight_norms(layers: dict[str, nn.Module], loras: dict[str, list], ranks) -> dict[str, list[float]]:
     """||W0 + s B A||_F^2 for every layer and adapter (None: ||W0||^2), from the row shards each process holds,
-    summed over the processes in one all_reduce. Every process calls it, with the same layers."""
+    summed over the processes in one all_reduce. Every process calls it, with the same layers.
+
+    Over rows, ||W0 + s B A||^2 is a sum of the same norm of each row shard (W0 and B cut alike), so each
+    process takes ``weight_norm_sq`` of its shard: ||W0_r||^2 and, per adapter, what the adapter adds to it."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from .deltas import LowRankDelta
+    from .adapters import LoraModule
+    from .solve import weight_norm_sq
 
     names = sorted(layers)
     partial = []
@@ -168,30 +172,17 @@ def adapted_weight_norms(layers: dict[str, nn.Module], loras: dict[str, list], r
             share = slice(0, weight.shape[0] if ranks.rank == 0 else 0)
             local = weight[share]
         W0 = local.detach()
-        W0 = W0.to(torch.promote_types(W0.dtype, torch.float32))
-        partial.append(W0.pow(2).sum(dtype=torch.float64))
-        for lora in loras[name]:
-            if lora is None:
-                continue
-            B = lora.B[share].to(device=W0.device, dtype=W0.dtype)
-            partial.append((2.0 * lora.scale) * ((B.T @ W0) * lora.A.to(W0.device, W0.dtype)).sum(dtype=torch.float64))
-    total = torch.stack(partial).to(ranks.device)
+        partial.append(weight_norm_sq(W0, None))
+        partial += [weight_norm_sq(W0, LoraModule(A=lora.A, B=lora.B[share], scale=lora.scale), base_sq=0.0)
+                    for lora in loras[name] if lora is not None]
+    total = torch.tensor(partial, dtype=torch.float64, device=ranks.device)
     if ranks.world > 1:
         dist.all_reduce(total)
-    values = total.tolist()
-    out, k = {}, 0
+    values = iter(total.tolist())
+    out = {}
     for name in names:
-        base_sq, k = values[k], k + 1
-        row = []
-        for lora in loras[name]:
-            if lora is None:
-                row.append(base_sq)
-                continue
-            dtype = torch.promote_types(lora.B.dtype, torch.float32)
-            low = LowRankDelta(B=lora.B.to(dtype), A=lora.A.to(dtype))
-            row.append(base_sq + values[k] + lora.scale**2 * low.norm_sq())
-            k += 1
-        out[name] = row
+        base_sq = next(values)
+        out[name] = [base_sq if lora is None else base_sq + next(values) for lora in loras[name]]
     return out
 
 
