@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -40,6 +41,19 @@ class Ranks:
     backend: str
     comm_bytes: int = 0
     comm_seconds: float = 0.0
+    owns_group: bool = False  # this merge started the process group (torchrun's environment), so it ends it
+
+    def close(self) -> None:
+        """After the merge, once its model and statistics are dropped: what still refers to the process group
+        (a sharded model's blocks do, in reference cycles) is collected while the interpreter is whole, then the
+        group this merge started is ended. Left to the interpreter's exit, gloo's worker threads can outlive the
+        objects they use and abort the process after a merge that succeeded."""
+        gc.collect()
+        if self.owns_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     @property
     def main(self) -> bool:
@@ -237,7 +251,8 @@ def from_environment() -> Ranks | None:
         return None
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    started = not dist.is_initialized()
+    if started:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         minutes = float(os.environ.get("ITERIS_DIST_TIMEOUT_MINUTES", "30"))
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=minutes))
@@ -251,4 +266,4 @@ def from_environment() -> Ranks | None:
         device = "cpu"
     # every rank's first collective together (NCCL wants it so before point-to-point batches)
     dist.barrier(device_ids=[local]) if backend == "nccl" else dist.barrier()
-    return Ranks(rank=rank, world=dist.get_world_size(), device=device, backend=backend)
+    return Ranks(rank=rank, world=dist.get_world_size(), device=device, backend=backend, owns_group=started)

@@ -327,6 +327,8 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
         result.save(out, force=force)
     if ranks is not None:
         ranks.barrier()
+        del ctx, calib  # the model (sharded, it holds the process group) goes before the group does
+        ranks.close()
     return result
 
 
