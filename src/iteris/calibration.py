@@ -439,7 +439,7 @@ class Calibration:
 
 def _size(samples: list) -> int:
     """An adapter's share of the capture work: its tokens (its samples, for recorded calls)."""
-    return sum(len(s.input_ids) + len(s.decoder_ids or []) if isinstance(s, TokenSample) else 1 for s in samples)
+    return sum(s.tokens if isinstance(s, TokenSample) else 1 for s in samples)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

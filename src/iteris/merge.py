@@ -203,7 +203,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
             entry["images"] = len(s)
             entry["tokens"] = sum(len(x.input_ids or []) for x in s)
         else:
-            entry["tokens"] = sum(len(x.input_ids) + len(x.decoder_ids or []) for x in s)
+            entry["tokens"] = sum(x.tokens for x in s)
         if len(s) < (spec.samples or cfg.calibration.samples):
             entry["note"] = f"only {len(s)} usable samples in {spec.data}"
     return calib

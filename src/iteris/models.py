@@ -224,6 +224,10 @@ class TokenSample:
     input_ids: list[int]
     decoder_ids: list[int] | None = None
 
+    @property
+    def tokens(self) -> int:
+        return len(self.input_ids) + len(self.decoder_ids or [])
+
 
 @dataclass
 class CallSample:
@@ -588,7 +592,6 @@ def _same_value(a, b) -> bool:
         return False
 
 
-@torch.no_grad()
 def block_list(model: nn.Module, layer_names: list[str]) -> tuple[nn.ModuleList, dict[str, int]] | None:
     """The outermost list of blocks holding every target layer, and each layer's block index (by structure
     alone: whether the blocks run as a plain chain is ``find_stack``'s question)."""
@@ -607,6 +610,7 @@ def block_list(model: nn.Module, layer_names: list[str]) -> tuple[nn.ModuleList,
     return None
 
 
+@torch.no_grad()
 def find_stack(model: nn.Module, layers: dict[str, nn.Module], probe: Batch) -> Stack | None:
     """The block stack holding every target layer, if the model runs it as a plain chain.
 
