@@ -121,12 +121,20 @@ def test_bad_parameter_values(llama, tmp_path, no_adapter_loading, method, param
 
 
 def test_string_and_int_numbers_are_accepted_for_floats():
-    params = get_method("iteris").parse_params({"alpha1": "1e-7", "alpha2": "2.5e-3", "gamma": 1, "iterations": "3"})
+    params = get_method("iteris").parse_params({"alpha1": "1e-7", "alpha2": "2.5e-3", "gamma": 1, "iterations": 3})
     assert params.alpha1 == 1e-7 and isinstance(params.alpha1, float)
     assert params.alpha2 == 2.5e-3
     assert params.gamma == 1.0 and isinstance(params.gamma, float)
     assert params.iterations == 3 and isinstance(params.iterations, int)
-    assert get_method("iteris").parse_params({"adaptive_weights": "false"}).adaptive_weights is False
+
+
+@pytest.mark.parametrize("params,word", [({"adaptive_weights": "false"}, "true or false"),
+                                         ({"adaptive_weights": 0}, "true or false"),
+                                         ({"iterations": "3"}, "integer"), ({"iterations": True}, "integer")])
+def test_booleans_and_integers_are_not_guessed_from_other_types(params, word):
+    """A quoted 'false' is a string, and a string is true: one typed reading refuses it instead of guessing."""
+    with pytest.raises(IterisError, match=word):
+        get_method("iteris").parse_params(params)
 
 
 def test_string_float_parameter_in_a_merge(llama):

@@ -7,15 +7,19 @@ only the base weight needs transposing (see ``models.base_weight``).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
 from .errors import IterisError
+from .files import load_json, load_pickle_tensors, short_exc
+from .finite import FLOAT32_MAX, require_finite
+from .schema import short
 
 PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
@@ -68,13 +72,17 @@ class LoraAdapter:
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     st = directory / WEIGHT_FILES[0]
     if st.is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(st))
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError) as exc:
+            raise IterisError(f"{st} is not a readable safetensors file ({short_exc(exc)})") from None
     binf = directory / WEIGHT_FILES[1]
     if binf.is_file():
-        # weights_only: a .bin is a pickle, and a user's file must never run code.
-        return torch.load(str(binf), map_location="cpu", weights_only=True)
+        # a .bin is a pickle, and a user's file must never run code: tensors only, checked before loading
+        return load_pickle_tensors(binf, "adapter weights")
     raise IterisError(
         f"adapter directory {directory} has no {WEIGHT_FILES[0]} or {WEIGHT_FILES[1]}; "
         "point `path` at a directory written by PEFT's save_pretrained"
@@ -110,18 +118,13 @@ def load_adapter(name: str, path: str | Path) -> LoraAdapter:
             f"adapter '{name}': {cfg_file} not found; `path` must be a PEFT adapter directory "
             "(adapter_config.json + adapter_model.safetensors)"
         )
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise IterisError(f"adapter '{name}': {cfg_file} is not valid JSON ({exc})") from None
+    cfg = load_json(cfg_file, f"adapter '{name}' config")
+    if not isinstance(cfg, dict):
+        raise IterisError(f"adapter '{name}': {cfg_file} must hold a JSON object (PEFT's LoraConfig), got "
+                          f"{type(cfg).__name__}")
     _check_config(name, directory, cfg)
+    r_default, alpha_default, rank_pattern, alpha_pattern, rslora = _scaling(name, cfg_file, cfg)
     tensors = _read_weights(directory)
-
-    r_default = int(cfg.get("r", 8))
-    alpha_default = float(cfg.get("lora_alpha", r_default))
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    rslora = bool(cfg.get("use_rslora", False))
 
     a_tensors: dict[str, torch.Tensor] = {}
     b_tensors: dict[str, torch.Tensor] = {}
@@ -157,6 +160,10 @@ def load_adapter(name: str, path: str | Path) -> LoraAdapter:
     modules = {}
     for module_name, A in a_tensors.items():
         B = b_tensors[module_name]
+        for kind, t in (("lora_A", A), ("lora_B", B)):
+            if not t.is_floating_point():
+                raise IterisError(f"adapter '{name}', module '{module_name}': {kind} is {str(t.dtype).replace('torch.', '')}; "
+                                  "LoRA factors are floating-point tensors")
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise IterisError(
                 f"adapter '{name}', module '{module_name}': lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
@@ -172,7 +179,78 @@ def load_adapter(name: str, path: str | Path) -> LoraAdapter:
         alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_name), alpha_default))
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         modules[module_name] = LoraModule(A=A.float(), B=B.float(), scale=scale)
-    return LoraAdapter(name=name, path=directory, config=cfg, modules=modules, extra_tensors=extra)
+    adapter = LoraAdapter(name=name, path=directory, config=cfg, modules=modules, extra_tensors=extra)
+    check_lora_values(adapter)
+    return adapter
+
+
+def check_lora_values(adapter: LoraAdapter) -> None:
+    """Finite factors and saved modules, and updates float32 can hold: ||s B A||_F <= |s| ||B||_F ||A||_F stays
+    below float32's largest number, or every merge's arithmetic overflows."""
+    for module_name, lora in adapter.modules.items():
+        for kind, t in (("lora_A", lora.A), ("lora_B", lora.B)):
+            require_finite(t, f"adapter '{adapter.name}', module '{module_name}': {kind}", "the adapter file is damaged")
+        if update_bound(lora) > FLOAT32_MAX:
+            raise IterisError(
+                f"adapter '{adapter.name}', module '{module_name}': its update (scale {lora.scale:.3g} times "
+                f"B A) is too large for float32 arithmetic; the adapter file is damaged")
+    for key, value in adapter.extra_tensors.items():
+        require_finite(value, f"adapter '{adapter.name}': saved module tensor '{key}'", "the adapter file is damaged")
+
+
+def update_bound(lora: LoraModule, weight: float = 1.0) -> float:
+    """An upper bound on ||weight * s B A||_F, in float64."""
+    return abs(weight * lora.scale) * float(lora.A.double().norm()) * float(lora.B.double().norm())
+
+
+def check_weights(adapters: list[LoraAdapter], weights: list[float], least_squares: bool) -> None:
+    """Adapter weights the method can use: in a least-squares merge each scales a sum of squares, so a
+    negative one makes the problem indefinite; in any merge, weight times update stays within float32."""
+    if least_squares:
+        if any(w < 0 for w in weights):
+            raise IterisError(
+                f"adapter weights {weights}: a data-aware merge weighs each adapter's least-squares term, which a "
+                "negative weight turns into a problem with no minimum; use weights >= 0 (a data-free method such "
+                "as task_arithmetic takes negative weights)")
+        if not any(w > 0 for w in weights):
+            raise IterisError("every adapter weight is 0: nothing would be merged")
+    for adapter, w in zip(adapters, weights):
+        for module_name, lora in adapter.modules.items():
+            if update_bound(lora, w) > FLOAT32_MAX:
+                raise IterisError(
+                    f"adapter '{adapter.name}': weight {w:g} times its update of '{module_name}' is too large for "
+                    "float32 arithmetic; use a smaller weight")
+
+
+# PEFT's own defaults for a config that leaves r or lora_alpha out: the adapter is then scaled as PEFT scales it
+_PEFT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoraConfig)}
+
+
+def _scaling(name: str, cfg_file: Path, cfg: dict):
+    """r, lora_alpha, their per-module patterns and rsLoRA, checked: positive finite numbers, as PEFT needs."""
+    where = f"adapter '{name}' ({cfg_file})"
+
+    def number(key, value, integer: bool):
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
+            kind = "a positive integer" if integer else "a positive finite number"
+            raise IterisError(f"{where}: {key} must be {kind}, got {short(value)}")
+        return value
+
+    r = number("r", cfg.get("r", _PEFT_DEFAULTS["r"]), True)
+    alpha = float(number("lora_alpha", cfg.get("lora_alpha", _PEFT_DEFAULTS["lora_alpha"]), False))
+    patterns = []
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise IterisError(f"{where}: {key} must be a mapping of module names to numbers, got {short(pattern)}")
+        for module, value in pattern.items():
+            number(f"{key}['{module}']", value, integer)
+        patterns.append(pattern)
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise IterisError(f"{where}: use_rslora must be true or false, got {short(rslora)}")
+    return r, alpha, patterns[0], patterns[1], rslora
 
 
 def check_compatible(adapters: list[LoraAdapter]) -> None:

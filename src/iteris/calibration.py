@@ -17,13 +17,14 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import sharding
+from . import finite, sharding
 from .adapters import LoraAdapter
 from .capture import DeltaInjector, GroupStats, LayerGroup, StatsCollector, find_groups
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
 from .models import (
-    CallSample, TokenSample, base_weight, batches, find_stack, first_block_call, input_device, make_batch, run_forward,
+    CallSample, StopForward, TokenSample, base_weight, batches, find_stack, first_block_call, input_device, make_batch,
+    run_forward,
 )
 from .solve import weight_norm_sq
 
@@ -206,13 +207,73 @@ class Calibration:
         task_batches = [
             list(batches(samples, self.batch_size, self.pad_id, self.device)) for samples in self.task_samples
         ]
-        if self.walks_blocks:
-            if remember and not options["paired"]:
-                self._remembered = [[{} for _ in task] for task in task_batches]
-            recall = (options["paired"] and not sequential and self._remembered is not None and gamma == 0.0
-                      and not want_cross and not keep_cross and projections)
-            return self._sweep_blocks(solve, task_batches, proj, options, sequential, label, recall)
-        return self._sweep_model(solve, task_batches, proj, options, label)
+        solve = self._guarded(solve, label)
+        try:
+            if self.walks_blocks:
+                if remember and not options["paired"]:
+                    self._remembered = [[{} for _ in task] for task in task_batches]
+                recall = (options["paired"] and not sequential and self._remembered is not None and gamma == 0.0
+                          and not want_cross and not keep_cross and projections)
+                return self._sweep_blocks(solve, task_batches, proj, options, sequential, label, recall)
+            return self._sweep_model(solve, task_batches, proj, options, label)
+        except finite.NonFiniteStatistics as exc:
+            raise IterisError(self._explain(exc, label)) from None
+
+    def _guarded(self, solve: StageSolve, label: str) -> StageSolve:
+        """A stage's solve that first checks its statistics and then its result are finite (one host sync
+        each): a NaN is stopped in the stage where it appears, not carried into every later layer."""
+
+        def checked(names: list[str], per_task):
+            finite.check_statistics(per_task, list(dict.fromkeys(self.group_of[n] for n in names)))
+            out = solve(names, per_task)
+            finite.check_deltas(out, label)
+            return out
+
+        return checked
+
+    def _explain(self, exc: finite.NonFiniteStatistics, label: str) -> str:
+        task = self.task_names[exc.task]
+        found = self._non_finite_sample(exc.task, exc.group)
+        culprit = ""
+        if found is not None:
+            sample, variant = found
+            origin = getattr(sample, "origin", None) or "one of its samples"
+            culprit = f"; {origin} gives them in {'its own' if variant.startswith('own') else 'the merged'} model"
+        return (
+            f"{label}: the inputs of layer '{exc.group}' are not finite (NaN or Inf) on adapter '{task}''s calibration "
+            f"data{culprit}. Check that sample, the base model's weights (an embedding row), or the dtype "
+            "(activations that overflow in float16: use dtype: float32 or bfloat16)"
+        )
+
+    def _non_finite_sample(self, task: int, group: str):
+        """Error path only: the first of a task's samples whose input to ``group`` is not finite, run alone
+        through the adapter's own model, then the merged one (None where that cannot be run here)."""
+        if self.ranks is not None or self.sharded:
+            return None
+        seen: list[bool] = []
+
+        def hook(module, args):
+            seen.append(bool(torch.isfinite(args[0]).all()))
+            raise StopForward
+
+        handle = self.layers[group].register_forward_pre_hook(hook)
+        try:
+            for variant, overrides in ((f"own:{task}", self._own_overrides[task]), ("merged", self.merged_overrides[task])):
+                if variant not in self.injector.variants:
+                    continue
+                for sample in self.task_samples[task]:
+                    seen.clear()
+                    with self.injector.use(variant, overrides):
+                        try:
+                            run_forward(self.model, make_batch([sample], self.pad_id, self.device),
+                                        merged=variant == "merged")
+                        except StopForward:
+                            pass
+                    if seen and not seen[0]:
+                        return sample, variant
+        finally:
+            handle.remove()
+        return None
 
     def _assign(self, stage: list[LayerGroup]) -> None:
         """Several processes: which rank solves (and so receives the statistics of) each group of a stage,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import yaml
+from typing import Literal
 
 from .errors import IterisError
+from .files import load_yaml
+from .schema import build, short
 
 
 @dataclass
@@ -24,19 +26,19 @@ class CalibrationConfig:
     batch_size: int = 8
     generate: bool = False  # causal LMs: append each adapter's own greedy continuation to the sample
     max_new_tokens: int = 64  # for generated decoder targets / continuations
-    stats_dtype: str = "auto"  # statistics' accumulation dtype: auto = float64 on CPU, float32 on GPU (solves: float64)
-    walk: str = "auto"  # blocks: one block at a time (memory flat in depth); model: whole passes; auto: blocks where possible
+    stats_dtype: Literal["auto", "float32", "float64"] = "auto"  # statistics' accumulation dtype: auto = float64 on CPU, float32 on GPU (solves: float64)
+    walk: Literal["auto", "blocks", "model"] = "auto"  # blocks: one block at a time (memory flat in depth); model: whole passes; auto: blocks where possible
     offload_states: bool = False  # keep the block-boundary hidden states in CPU memory (GPU memory flat in samples)
-    overlap: str = "auto"  # solve each block while the next is captured (global schedule); auto: on a GPU
+    overlap: Literal["auto", "on", "off"] = "auto"  # solve each block while the next is captured (global schedule); auto: on a GPU
     offload_stats: bool = False  # keep finished statistics in CPU memory; a layer group's return to the GPU for its solve
     # several processes (torchrun): adapters = each process captures whole adapters (only finished statistics
     # travel, to the process solving their layer), or with fewer adapters than processes each adapter its own
     # group of processes; samples = each a share of every adapter's samples (raw sums reduced); auto = adapters
     # where either number divides the other
-    split: str = "auto"
+    split: Literal["auto", "adapters", "samples"] = "auto"
     # several processes: blocks = each block's weights sharded over them (FSDP2; for models larger than one GPU);
     # off = each holds the whole model; auto = blocks where the checkpoint takes over 40% of one GPU's memory
-    shard: str = "auto"
+    shard: Literal["auto", "blocks", "off"] = "auto"
     # diffusion pipelines: each adapter's prompts are sampled by the pipeline itself (its scheduler, its
     # classifier-free guidance) and the denoiser's calls at the recorded steps are the calibration samples
     steps: int = 20  # num_inference_steps of the sampling runs
@@ -47,34 +49,19 @@ class CalibrationConfig:
     width: int | None = None
 
     def validate(self) -> None:
-        for name in ("samples", "max_length", "batch_size", "max_new_tokens"):
+        """What the types alone do not say (they are checked by ``schema.build``)."""
+        for name in ("samples", "max_length", "batch_size", "max_new_tokens", "steps"):
             _positive_int(f"calibration.{name}", getattr(self, name))
-        if self.stats_dtype not in ("auto", "float32", "float64"):
-            raise IterisError("calibration.stats_dtype must be auto, float32 or float64")
-        if self.walk not in ("auto", "blocks", "model"):
-            raise IterisError(f"calibration.walk must be auto, blocks or model, got {self.walk!r}")
-        if self.overlap not in ("auto", "on", "off"):
-            raise IterisError(f"calibration.overlap must be auto, on or off, got {self.overlap!r}")
-        if self.shard not in ("auto", "blocks", "off"):
-            raise IterisError(f"calibration.shard must be auto, blocks or off, got {self.shard!r}")
-        if self.split not in ("auto", "adapters", "samples"):
-            raise IterisError(f"calibration.split must be auto, adapters or samples, got {self.split!r}")
-        for name in ("offload_states", "offload_stats"):
-            if not isinstance(getattr(self, name), bool):
-                raise IterisError(f"calibration.{name} must be true or false, got {getattr(self, name)!r}")
-        _positive_int("calibration.steps", self.steps)
         if isinstance(self.timesteps, list):
-            if not self.timesteps or not all(isinstance(t, int) and not isinstance(t, bool) for t in self.timesteps):
-                raise IterisError(f"calibration.timesteps must be a count or a list of step indices, got {self.timesteps!r}")
+            if not self.timesteps or any(t < 0 for t in self.timesteps):
+                raise IterisError(f"calibration.timesteps must be a count or a list of step indices, got {short(self.timesteps)}")
         else:
             _positive_int("calibration.timesteps", self.timesteps)
-        if not isinstance(self.seeds, list) or not self.seeds or not all(
-            isinstance(x, int) and not isinstance(x, bool) for x in self.seeds
-        ):
-            raise IterisError(f"calibration.seeds must be a non-empty list of integers, got {self.seeds!r}")
-        for name in ("height", "width"):
-            if getattr(self, name) is not None:
-                _positive_int(f"calibration.{name}", getattr(self, name))
+        if not self.seeds:
+            raise IterisError("calibration.seeds must be a non-empty list of integers")
+        for name in ("height", "width", "guidance_scale"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise IterisError(f"calibration.{name} must be positive, got {getattr(self, name)!r}")
 
     def resolved_stats_dtype(self, device: str) -> str:
         """auto: float64 on the CPU (exact, and the CPU has no faster path), float32 on a GPU."""
@@ -83,7 +70,8 @@ class CalibrationConfig:
         return "float64" if device == "cpu" else "float32"
 
 
-DEVICE_MAPS = (None, "auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = Literal["auto", "balanced", "balanced_low_0", "sequential"]
+Dtype = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64"]
 
 
 @dataclass
@@ -101,38 +89,41 @@ class AdapterSpec:
 class MergeConfig:
     base_model: str
     adapters: list[AdapterSpec]
-    model_type: str = "auto"  # auto (a diffusers pipeline directory is detected) | transformers | diffusion
+    model_type: Literal["auto", "transformers", "diffusion"] = "auto"  # auto (a diffusers pipeline directory is detected) | transformers | diffusion
     method: str = "iteris"
     parameters: dict = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     tokenizer: str | None = None  # defaults to base_model
     device: str = "auto"
-    device_map: str | None = None  # auto | balanced | balanced_low_0 | sequential: spread the model over the GPUs
-    dtype: str = "auto"  # model dtype for the forward passes
+    device_map: DeviceMap | None = None  # auto | balanced | balanced_low_0 | sequential: spread the model over the GPUs
+    dtype: Dtype = "auto"  # model dtype for the forward passes
     rank: int | None = None  # compress the merged LoRA to this rank by SVD (error reported)
     merge_into_base: bool = False  # save a full model instead of an adapter
     modules_to_save: str = "auto"  # auto | per_adapter | drop | <adapter name>
     progress: bool = True
+    # code shipped beside a model (its config's auto_map) runs only when this says so
+    trust_remote_code: bool = False
 
     def validate(self) -> None:
         """Checks that hold for any source of values (YAML, dict, keyword overrides)."""
         self.calibration.validate()
-        if not isinstance(self.parameters, dict):
-            raise IterisError("'parameters' must be a mapping of the method's parameters")
         if self.rank is not None:
             _positive_int("rank", self.rank)
-        if self.model_type not in ("auto", "transformers", "diffusion"):
-            raise IterisError(f"model_type must be auto, transformers or diffusion, got {self.model_type!r}")
-        if self.device_map not in DEVICE_MAPS:
-            raise IterisError(f"device_map must be one of {[m for m in DEVICE_MAPS if m]} (or unset), got {self.device_map!r}")
+        for key in ("base_model", "method", "device"):
+            if not getattr(self, key).strip():
+                raise IterisError(f"{key} is empty")
+        check_device(self.device)
         if self.device_map and self.device not in ("auto", "cuda"):
             raise IterisError(f"device_map spreads the model over every visible GPU; leave device: auto (got {self.device!r})")
+        if not self.adapters:
+            raise IterisError("'adapters' must list at least one {name, path, data, weight} entry")
         names = [a.name for a in self.adapters]
         if len(set(names)) != len(names):
-            raise IterisError(f"adapter names must be unique, got {names}")
+            raise IterisError(f"adapter names must be unique, got {short(names)}")
         for index, a in enumerate(self.adapters):
-            if isinstance(a.weight, bool) or not isinstance(a.weight, (int, float)) or a.weight != a.weight:
-                raise IterisError(f"adapters[{index}]: 'weight' must be a number, got {a.weight!r}")
+            check_name(a.name, f"adapters[{index}].name")
+            if not a.path.strip():
+                raise IterisError(f"adapters[{index}].path is empty")
             if a.samples is not None:
                 _positive_int(f"adapters[{index}].samples", a.samples)
         policies = ("auto", "per_adapter", "drop")
@@ -141,74 +132,139 @@ class MergeConfig:
                 f"modules_to_save must be one of {list(policies)} or an adapter name {names}, got '{self.modules_to_save}'"
             )
 
+    # the YAML file the config was read from (not a key of it): an input like the others
+    config_file = None
+
+    def inputs(self) -> list[str]:
+        """Every path the merge reads, which its output must never touch."""
+        paths = [self.base_model, self.tokenizer, self.config_file]
+        paths += [p for a in self.adapters for p in (a.path, a.data)]
+        return [p for p in paths if p]
+
     def resolve_paths(self, root: Path) -> None:
-        """Relative paths in a YAML file are relative to the file, as a user reading it would expect."""
-
-        def fix(p):
-            if p is None:
-                return None
-            candidate = root / p
-            return str(candidate) if not Path(p).is_absolute() and candidate.exists() else p
-
-        self.base_model = fix(self.base_model)
-        self.tokenizer = fix(self.tokenizer)
-        for a in self.adapters:
-            a.path = fix(a.path)
-            a.data = fix(a.data)
+        """Relative paths in a YAML file are relative to the file, as a user reading it would expect: never to
+        the working directory, which would pick up another model without a word. A base model or tokenizer
+        found nowhere is left as written (a hub id)."""
+        self.base_model = resolve_path(self.base_model, root, "base_model", may_be_hub_id=True)
+        self.tokenizer = resolve_path(self.tokenizer, root, "tokenizer", may_be_hub_id=True)
+        for i, a in enumerate(self.adapters):
+            a.path = resolve_path(a.path, root, f"adapters[{i}].path")
+            a.data = resolve_path(a.data, root, f"adapters[{i}].data")
 
 
-def build_section(cls, values: dict, where: str):
-    if not isinstance(values, dict):
-        raise IterisError(f"{where} must be a mapping, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise IterisError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+def resolve_path(value: str | None, root: Path, key: str, may_be_hub_id: bool = False) -> str | None:
+    if value is None or Path(value).is_absolute():
+        return value
+    beside = root / value
+    if beside.exists():
+        return str(beside)
+    if Path(value).exists():
+        raise IterisError(
+            f"{key}: '{value}' is not beside the config ({root}); paths in a config are relative to it, and "
+            f"'{value}' exists only relative to the working directory. Write '{Path(value).resolve()}' instead"
+        )
+    if may_be_hub_id:
+        return value
+    return str(beside)  # (reported as not found where it is read)
+
+
+def check_name(name: str, where: str) -> None:
+    """Adapter names name output sub-directories: one plain path component, never a way out of ``--out``."""
+    if not name or not name.strip():
+        raise IterisError(f"{where} is empty; give each adapter a name")
+    bad = [c for c in name if c in '/\\:*?"<>|' or ord(c) < 32]
+    if bad or name in (".", "..") or name.startswith(".") or name != name.strip() or len(name) > 100:
+        raise IterisError(
+            f"{where} {short(name)} is not a plain name: use letters, digits, '-', '_' and '.', not starting with "
+            "'.', at most 100 characters (it names a directory of the output)"
+        )
+
+
+def check_device(device: str) -> None:
+    """auto, cpu, cuda, cuda:N (or another torch device type with a backend here); never meta."""
+    import torch
+
+    if device == "auto":
+        return
     try:
-        return cls(**values)
-    except TypeError as exc:
-        raise IterisError(f"{where}: {exc}") from None
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise IterisError(f"device {short(device)} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "meta":
+        raise IterisError("device: meta holds no numbers; use auto, cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise IterisError(f"device '{device}' requested but no CUDA GPU is visible; use device: cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise IterisError(f"device '{device}': only {torch.cuda.device_count()} GPU(s) are visible")
+    elif parsed.type != "cpu":
+        backend = getattr(torch, parsed.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise IterisError(f"device '{device}' is not available here; use auto, cpu, cuda or cuda:N")
 
 
 def _positive_int(where: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise IterisError(f"{where} must be a positive integer, got {value!r}")
+        raise IterisError(f"{where} must be a positive integer, got {short(value)}")
 
 
 def parse_config(data: dict, root: Path | None = None) -> MergeConfig:
+    """Every value through one typed path (``schema.build``), then the checks types cannot express."""
     if not isinstance(data, dict):
         raise IterisError("the merge config must be a mapping with base_model, method and adapters")
     data = dict(data)
     for key in ("base_model", "adapters"):
         if key not in data:
             raise IterisError(f"the merge config has no '{key}'; see the README for a complete example")
-    adapters_raw = data.pop("adapters")
-    if not isinstance(adapters_raw, list) or len(adapters_raw) < 1:
+    adapters = data["adapters"]
+    if not isinstance(adapters, list) or not adapters:
         raise IterisError("'adapters' must be a list of {name, path, data, weight} entries")
-    adapters = []
-    for index, entry in enumerate(adapters_raw):
-        if isinstance(entry, dict) and "name" not in entry and "path" in entry:
-            entry = {"name": Path(str(entry["path"])).name, **entry}
-        adapters.append(build_section(AdapterSpec, entry, f"adapters[{index}]"))
-    calibration = build_section(CalibrationConfig, data.pop("calibration", None) or {}, "calibration")
-    config = build_section(MergeConfig, {**data, "adapters": adapters, "calibration": calibration}, "merge config")
+    named = []
+    for entry in adapters:
+        if isinstance(entry, dict) and "name" not in entry and isinstance(entry.get("path"), str):
+            entry = {"name": Path(entry["path"]).name, **entry}
+        named.append(entry)
+    if data.get("calibration") is None:
+        data.pop("calibration", None)
+    config = build(MergeConfig, {**data, "adapters": named}, "")
     config.validate()
     if root is not None:
         config.resolve_paths(root)
     return config
 
 
+def with_overrides(cfg: MergeConfig, overrides: dict) -> MergeConfig:
+    """A new config with top-level keys replaced (None leaves a key as it is), checked as the file was."""
+    data = asdict(cfg)
+    for key, value in overrides.items():
+        if key not in data or key == "adapters":
+            raise IterisError(f"unknown option '{key}'; the keys of a merge config other than 'adapters' can be overridden")
+        if value is None:
+            continue
+        if key == "calibration" and isinstance(value, dict):
+            value = {**data["calibration"], **value}
+        elif dataclasses.is_dataclass(value):
+            value = asdict(value)
+        data[key] = value
+    new = parse_config(data)
+    new.config_file = cfg.config_file
+    return new
+
+
 def load_config(source) -> MergeConfig:
-    """A MergeConfig from a path to YAML, a dict, or a MergeConfig."""
+    """A MergeConfig from a path to YAML, a dict, or a MergeConfig (checked again: a dataclass can be built
+    with any values)."""
     if isinstance(source, MergeConfig):
-        return source
+        checked = parse_config(asdict(source))
+        checked.config_file = source.config_file
+        return checked
     if isinstance(source, dict):
         return parse_config(source)
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        raise IterisError(f"a merge config is a path to a YAML file, a dict or a MergeConfig, got {short(source)}")
     path = Path(source)
     if not path.is_file():
         raise IterisError(f"config file '{path}' not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise IterisError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
-    return parse_config(data, root=path.resolve().parent)
+    config = parse_config(load_yaml(path), root=path.resolve().parent)
+    config.config_file = str(path)
+    return config

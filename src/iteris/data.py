@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import CalibrationConfig
 from .errors import IterisError
+from .files import loads_json, read_text, short_exc
+from .schema import short
 
 
 @dataclass
@@ -18,6 +20,7 @@ class TextSample:
     target: str | None = None  # encoder-decoder: what the decoder reads, if given
     joined: str | None = None  # a pair as one text (prompt + separator + response), for decoder-only models
     image: str | None = None  # models that read images: the image's path (the text is then optional)
+    origin: str | None = None  # the record it came from, for messages
 
 
 def load_records(path: str | Path) -> list[dict]:
@@ -27,37 +30,39 @@ def load_records(path: str | Path) -> list[dict]:
     if p.is_dir():
         return _load_saved_dataset(p)
     suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return _load_json(p)
-    if suffix in (".csv", ".tsv"):
-        with p.open(newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a BOM
-            return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
     if suffix == ".parquet":
-        from datasets import Dataset
-
-        return Dataset.from_parquet(str(p)).to_list()
-    # anything else is plain text, one sample a line
-    return [{"text": line} for line in p.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-
-
-def _load_json(p: Path) -> list[dict]:
-    text = p.read_text(encoding="utf-8-sig")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+        return _load_parquet(p)
+    text = read_text(p, "calibration data")  # UTF-8 (spreadsheets' byte-order mark dropped), or a clear error
+    if suffix in (".jsonl", ".json"):
+        return _load_json(p, text)
+    if suffix in (".csv", ".tsv"):
         try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise IterisError(f"{p} is not valid JSON: {exc}") from None
+            return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+        except csv.Error as exc:
+            raise IterisError(f"calibration data '{p}' is not valid {suffix[1:].upper()}: {exc}") from None
+    # anything else is plain text, one sample a line
+    return [{"text": line} for line in text.splitlines() if line.strip()]
+
+
+def _load_parquet(p: Path) -> list[dict]:
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_parquet(str(p)).to_list()
+    except Exception as exc:  # noqa: BLE001  (pyarrow's errors for a damaged file have no common base)
+        raise IterisError(f"calibration data '{p}' is not a readable Parquet file ({type(exc).__name__}: "
+                          f"{short_exc(exc)})") from None
+
+
+def _load_json(p: Path, text: str) -> list[dict]:
+    if text.lstrip().startswith("["):
+        records = loads_json(text, f"calibration data '{p}'")
     else:
         records = []
         for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise IterisError(f"{p}, line {number}: not valid JSON ({exc.msg})") from None
-    if not all(isinstance(r, dict) for r in records):
+            if line.strip():
+                records.append(loads_json(line, f"calibration data '{p}', line {number},"))
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise IterisError(f"{p}: every JSON record must be an object such as {{\"text\": \"...\"}}")
     return records
 
@@ -67,8 +72,9 @@ def _load_saved_dataset(p: Path) -> list[dict]:
 
     try:
         ds = load_from_disk(str(p))
-    except (FileNotFoundError, ValueError) as exc:
-        raise IterisError(f"'{p}' is a directory but not a dataset saved with save_to_disk ({exc})") from None
+    except Exception as exc:  # noqa: BLE001  (a damaged dataset fails in many ways)
+        raise IterisError(f"'{p}' is a directory but not a readable dataset saved with save_to_disk "
+                          f"({type(exc).__name__}: {short_exc(exc)})") from None
     if isinstance(ds, DatasetDict):
         split = "train" if "train" in ds else next(iter(ds))
         ds = ds[split]
@@ -98,6 +104,8 @@ def select_samples(
                 f"calibration data '{source}' has no field '{name}'; its fields are {columns}. "
                 "Set calibration.field (or prompt_field/response_field) to one of them"
             )
+    optional = [spec.response_field] if use_pair else [spec.target_field] if spec.target_field else []
+    _check_values(records, source, required=[spec.prompt_field] if use_pair else [text_field], optional=optional)
     order = list(range(len(records)))
     random.Random(spec.seed).shuffle(order)
     out: list[TextSample] = []
@@ -109,13 +117,14 @@ def select_samples(
                 continue
             response = str(response) if _usable(response) else None
             joined = str(prompt) + spec.separator + response if response is not None else None
-            sample = TextSample(text=str(prompt), target=response, joined=joined)
+            sample = TextSample(text=str(prompt), target=response, joined=joined, origin=_origin(index, source))
         else:
             text = rec.get(text_field)
             if not _usable(text):
                 continue
             target = rec.get(spec.target_field) if spec.target_field else None
-            sample = TextSample(text=str(text), target=str(target) if _usable(target) else None)
+            sample = TextSample(text=str(text), target=str(target) if _usable(target) else None,
+                                origin=_origin(index, source))
         out.append(sample)
         if len(out) == (samples or spec.samples):
             break
@@ -131,6 +140,7 @@ def _image_samples(records, spec, source, text_field, image_field, count, column
             f"calibration data '{source}' has no '{image_field}' field (this model reads images: give records like "
             f'{{"{image_field}": "path.jpg", "{text_field}": "..."}}, paths relative to the file); its fields are {columns}'
         )
+    _check_values(records, source, required=[image_field], optional=[text_field])
     order = list(range(len(records)))
     random.Random(spec.seed).shuffle(order)
     out = []
@@ -139,12 +149,33 @@ def _image_samples(records, spec, source, text_field, image_field, count, column
         if not _usable(rec.get(image_field)):
             continue
         text = rec.get(text_field)
-        out.append(TextSample(text=str(text) if _usable(text) else None, image=str(rec[image_field])))
+        out.append(TextSample(text=str(text) if _usable(text) else None, image=str(rec[image_field]),
+                              origin=_origin(index, source)))
         if len(out) == count:
             break
     if not out:
         raise IterisError(f"calibration data '{source}' has no non-empty '{image_field}' values")
     return out
+
+
+def _check_values(records: list[dict], source: str, required: list[str], optional: list[str]) -> None:
+    """Every record, not just the first: the fields read are present (where required) and hold text. A
+    number, list or object is refused rather than turned into the text of its Python form."""
+    for index, rec in enumerate(records):
+        for name in required + optional:
+            value = rec.get(name)
+            if value is None:
+                if name in required and name not in rec:
+                    raise IterisError(f"calibration data '{source}', record {index + 1}: no field '{name}' (the first "
+                                      "record has it; every record needs it)")
+                continue
+            if not isinstance(value, str):
+                raise IterisError(f"calibration data '{source}', record {index + 1}: '{name}' is "
+                                  f"{type(value).__name__} {short(value)}, not text; write it as a string")
+
+
+def _origin(index: int, source: str) -> str:
+    return f"record {index + 1} of '{source}'"
 
 
 def _usable(value) -> bool:

@@ -19,13 +19,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import LoraAdapter, LoraModule, check_compatible, target_modules
+from .adapters import LoraAdapter, LoraModule, check_compatible, check_lora_values, check_weights, target_modules
 from .config import MergeConfig
 from .data import load_records, select_samples
 from .deltas import LowRankDelta
 from .errors import IterisError
+from .files import check_pickle, load_pickle_tensors
+from .finite import check_parameters
 from .models import (
-    CallSample, StopForward, check_layer_shapes, is_pointwise_conv, resolve_device, resolve_dtype, resolve_layers,
+    CallSample, StopForward, check_checkpoint_pickles, check_layer_shapes, is_pointwise_conv, loading_error,
+    resolve_device, resolve_dtype, resolve_layers,
 )
 
 DENOISERS = ("unet", "transformer", "prior")
@@ -38,20 +41,23 @@ def is_pipeline_dir(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
-def load_pipeline(path: str, dtype: torch.dtype, device: str):
+def load_pipeline(path: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False):
     try:
         from diffusers import DiffusionPipeline
     except ImportError:
         raise IterisError("merging a diffusers pipeline needs diffusers: pip install 'iteris[diffusion]'") from None
 
+    check_checkpoint_pickles(path)
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                 trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
-        raise IterisError(f"cannot load a diffusers pipeline from '{path}': {exc}") from None
+        raise loading_error(exc, "a diffusers pipeline", path) from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for name in lora_components(pipe):
         getattr(pipe, name).eval().requires_grad_(False)
+        check_parameters(getattr(pipe, name), f"pipeline '{path}', component {name}")
     return pipe
 
 
@@ -96,7 +102,7 @@ def _state_dict(pipe, file: Path) -> tuple[dict, dict | None, dict | None]:
         out = cls.lora_state_dict(str(file.parent), weight_name=file.name, use_safetensors=True,
                                   local_files_only=True, **options)
     else:  # a pickle: tensors only, nothing it carries is executed
-        raw = torch.load(file, map_location="cpu", weights_only=True)
+        raw = load_pickle_tensors(file, "LoRA weights")
         out = cls.lora_state_dict(raw, **options)
     # (state, alphas, metadata); loaders without network alphas (SD3-style) give (state, metadata)
     if isinstance(out, tuple) and len(out) == 3:
@@ -377,7 +383,7 @@ class PipelineMergeResult:
         from .output import atomic_directory, write_report
 
         start = time.perf_counter()
-        with atomic_directory(out, force) as tmp:
+        with atomic_directory(out, force, self.config.inputs()) as tmp:
             write_pipeline_lora(tmp, self.pipeline_class, self.deltas, self.conv_layers)
             self.report["timings"]["write"] = time.perf_counter() - start
             write_report(tmp, self.report)
@@ -433,13 +439,19 @@ def merge_pipeline(cfg: MergeConfig, spec, params, out=None, force: bool = False
         raise IterisError("merge_into_base writes a transformers model; for a pipeline, load the merged LoRA and "
                           "call pipe.fuse_lora() (then pipe.save_pretrained)")
     if out is not None:
-        check_output_dir(out, force)
+        check_output_dir(out, force, cfg.inputs())
     if spec.needs_calibration:
         batches = _prompt_batches(cfg)  # data errors before the pipeline loads
+    for s in cfg.adapters:
+        if _lora_file(s.path).suffix != ".safetensors":
+            check_pickle(_lora_file(s.path), "LoRA weights")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    pipe = load_pipeline(cfg.base_model, dtype, device)
+    pipe = load_pipeline(cfg.base_model, dtype, device, cfg.trust_remote_code)
     per_adapter = [read_lora(pipe, s.name, s.path) for s in cfg.adapters]
+    for per_component in per_adapter:
+        for adapter in per_component.values():
+            check_lora_values(adapter)
     components = [c for c in lora_components(pipe) if any(c in a for a in per_adapter)]
     weights = [float(s.weight) for s in cfg.adapters]
     adapters = {
@@ -459,6 +471,7 @@ def merge_pipeline(cfg: MergeConfig, spec, params, out=None, force: bool = False
     layers = {}
     for c in components:
         check_compatible(adapters[c])
+        check_weights(adapters[c], weights, spec.needs_calibration)
         layers[c] = resolve_layers(getattr(pipe, c), target_modules(adapters[c]))
         check_layer_shapes(layers[c], adapters[c])
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import resource
 import sys
 import time
@@ -11,12 +10,14 @@ from pathlib import Path
 
 import torch
 
-from .adapters import LoraAdapter, check_compatible, load_adapter, target_modules
-from .config import CalibrationConfig, MergeConfig, build_section, load_config
+from .adapters import LoraAdapter, check_compatible, check_lora_values, check_weights, load_adapter, target_modules
+from .config import CalibrationConfig, MergeConfig, load_config, with_overrides
 from .data import load_records, select_samples
 from .models import TokenSample
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
+from .finite import check_deltas
+from .schema import build
 from .methods import MergeContext, get_method
 from .output import atomic_directory, check_output_dir, write_adapter, write_merged_model, write_report
 
@@ -40,14 +41,16 @@ class MergeResult:
         """Write the adapter(s) and merge_report.json; nothing is left behind if this fails."""
         start = time.perf_counter()
         cfg = self.config
-        with atomic_directory(out, force) as tmp:
+        check_deltas(self.deltas, "the merged adapter")
+        with atomic_directory(out, force, cfg.inputs()) as tmp:
             for sub, extras in self.heads.items():
                 target = tmp / sub if sub else tmp
                 if cfg.merge_into_base:
                     staging = tmp / ".adapter" / (sub or "_")
                     write_adapter(staging, self.deltas, self.adapters, cfg.base_model, extras)
                     write_merged_model(
-                        target, staging, cfg.base_model, self.adapters[0].task_type, extras, cfg.tokenizer or cfg.base_model
+                        target, staging, cfg.base_model, self.adapters[0].task_type, extras, cfg.tokenizer or cfg.base_model,
+                        cfg.trust_remote_code,
                     )
                 else:
                     write_adapter(target, self.deltas, self.adapters, cfg.base_model, extras)
@@ -108,7 +111,16 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     missing = [s.name for s in cfg.adapters if not s.data]
     if missing:
         raise IterisError(f"this method needs calibration samples: set `data:` for adapter(s) {missing}")
-    images = vision.reads_images(cfg.base_model)
+    config = models.load_model_config(cfg.base_model, cfg.trust_remote_code)
+    positions = models.max_positions(config)
+    longest = cfg.calibration.max_length + (cfg.calibration.max_new_tokens if cfg.calibration.generate else 0)
+    if positions is not None and longest > positions:
+        raise IterisError(
+            f"calibration.max_length {cfg.calibration.max_length}"
+            f"{' + max_new_tokens ' + str(cfg.calibration.max_new_tokens) if cfg.calibration.generate else ''} is more "
+            f"tokens than the base model has positions ({positions}); set max_length to at most {positions}"
+            f"{' minus max_new_tokens' if cfg.calibration.generate else ''}")
+    images = vision.reads_images(config)
     if images and cfg.calibration.generate:
         raise IterisError("calibration.generate writes text continuations; this model reads images: give the texts "
                           "(captions, prompts) in the data, or leave them out")
@@ -124,10 +136,10 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     dtype = models.resolve_dtype(cfg.dtype, device)
     all_extras = {k: v for a in adapters for k, v in a.extra_tensors.items()}
     if images:
-        processor = vision.load_processor(cfg.tokenizer or cfg.base_model)
+        processor = vision.load_processor(cfg.tokenizer or cfg.base_model, cfg.trust_remote_code)
         tokenizer, pad_id = getattr(processor, "tokenizer", None), vision.pad_id(processor)
     else:
-        tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model)
+        tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model, cfg.trust_remote_code)
         pad_id = tokenizer.pad_token_id
     model = None
     sharded = sharding.wanted(cfg.calibration.shard, cfg.base_model, ranks)
@@ -138,7 +150,8 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
                     "a model sharded over processes is run block by block on text samples only: "
                     f"{'it reads images' if images else 'calibration.generate runs it whole'}; set calibration.shard: "
                     "off (and start as many processes as the model fits)")
-            model = sharding.load_sharded(cfg.base_model, adapters[0].task_type, all_extras, dtype, targets, ranks)
+            model = sharding.load_sharded(cfg.base_model, adapters[0].task_type, all_extras, dtype, targets, ranks,
+                                          cfg.trust_remote_code)
         except sharding.NotShardable:
             if cfg.calibration.shard == "blocks":
                 raise
@@ -147,7 +160,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
             models.set_pad_id(model, tokenizer)
     if model is None:
         model = models.load_base_model(cfg.base_model, adapters[0].task_type, all_extras, dtype, device, tokenizer,
-                                       device_map=cfg.device_map)
+                                       device_map=cfg.device_map, trust_remote_code=cfg.trust_remote_code)
     if cfg.device_map:
         device = models.input_device(model)
     layers = models.resolve_layers(model, targets)
@@ -216,17 +229,10 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     With ``out``, the result is also saved there (checked before any work starts).
     """
     t0 = time.perf_counter()
-    cfg = copy.deepcopy(load_config(config))  # overrides never change the caller's object
-    for key, value in overrides.items():
-        if not hasattr(cfg, key) or key == "adapters":
-            raise IterisError(f"unknown option '{key}'; the keys of a merge config other than 'adapters' can be overridden")
-        if key == "calibration" and isinstance(value, dict):
-            value = build_section(CalibrationConfig, {**asdict(cfg.calibration), **value}, "calibration")
-        if value is not None:
-            setattr(cfg, key, value)
-    cfg.validate()
+    cfg = with_overrides(load_config(config), overrides)  # a new object: the caller's is never changed
     spec = get_method(cfg.method)
     params = spec.parse_params(cfg.parameters)
+    weights = [float(s.weight) for s in cfg.adapters]
     from .diffusion import is_pipeline_dir, merge_pipeline
     from .distributed import from_environment
 
@@ -243,13 +249,13 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
             raise IterisError("device_map spreads a transformers model over GPUs; unset it for a diffusers pipeline")
         return merge_pipeline(cfg, spec, params, out=out, force=force)
     if out is not None:
-        check_output_dir(out, force)
+        check_output_dir(out, force, cfg.inputs())
 
     adapters = [load_adapter(s.name, s.path) for s in cfg.adapters]
     check_compatible(adapters)
+    check_weights(adapters, weights, spec.needs_calibration)
     targets = target_modules(adapters)
     own, merged, heads = resolve_heads(adapters, cfg.modules_to_save)
-    weights = [float(s.weight) for s in cfg.adapters]
     report: dict = {
         "method": spec.name,
         "parameters": asdict(params),
@@ -276,7 +282,11 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
         else:
             from .models import check_against_base
 
-            check_against_base(cfg.base_model, adapters, targets)
+            check_against_base(cfg.base_model, adapters, targets, cfg.trust_remote_code)
+            if cfg.merge_into_base:
+                from .models import check_checkpoint_pickles
+
+                check_checkpoint_pickles(cfg.base_model)  # read when the result is folded in: refused now
         report["timings"]["load"] = time.perf_counter() - t0
         from .models import resolve_device
 
@@ -340,6 +350,7 @@ _PER_LAYER = ("adaptive_weights", "singular_layers")
 def run_method(spec, ctx: MergeContext, report: dict) -> dict:
     start = time.perf_counter()
     raw = spec.fn(ctx)
+    check_deltas(raw, f"{spec.name}")
     report["timings"]["merge"] = time.perf_counter() - start
     if ctx.calibration is not None:
         report["timings"]["capture"] = ctx.calibration.capture_seconds
@@ -371,13 +382,21 @@ def merge_loaded(
 
     spec = get_method(method)
     params = spec.parse_params(parameters)
-    cal = calibration if isinstance(calibration, CalibrationConfig) else build_section(
-        CalibrationConfig, dict(calibration or {}), "calibration"
-    )
+    cal = build(CalibrationConfig, asdict(calibration) if isinstance(calibration, CalibrationConfig)
+                else (calibration or {}), "calibration")
     cal.validate()
     check_compatible(adapters)
+    for adapter in adapters:
+        check_lora_values(adapter)
     targets = target_modules(adapters)
-    weights = [float(w) for w in (weights or [1.0] * len(adapters))]
+    weights = build(_Weights, {"weights": weights if weights is not None else [1.0] * len(adapters)}, "").weights
+    if len(weights) != len(adapters):
+        raise IterisError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    check_weights(adapters, weights, spec.needs_calibration)
+    if spec.needs_calibration and len(samples) != len(adapters):
+        raise IterisError(f"{len(samples)} sample lists for {len(adapters)} adapters; give each adapter its samples")
+    if spec.needs_calibration and not all(samples):
+        raise IterisError("every adapter needs at least one calibration sample")
     layers = models.resolve_layers(model, targets)
     models.check_layer_shapes(layers, adapters)
     device = models.input_device(model)  # a model spread over GPUs takes its inputs where its embeddings are
@@ -418,7 +437,13 @@ def to_lora(raw: dict, rank: int | None, default_rank) -> tuple[dict[str, LowRan
         k = rank if rank is not None else (default_rank(name) if isinstance(delta, DenseDelta) else None)
         lora, errors[name] = delta.to_lora(k)
         deltas[name] = LowRankDelta(B=lora.B.cpu(), A=lora.A.cpu())  # results leave the GPU free
+    check_deltas(deltas, "the merged LoRA factors")
     return deltas, errors
+
+
+@dataclass
+class _Weights:
+    weights: list[float]
 
 
 def summarize(report: dict) -> str:

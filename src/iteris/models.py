@@ -5,13 +5,17 @@ Methods and solves see layers and token batches only; no model family is named a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import IterisError
+from .files import check_pickle
+from .finite import check_parameters
 from .vision import ImageSample, auto_class_name, image_batches, is_vision_config, make_image_batch
 
 # PEFT task_type -> transformers auto class (the class the adapter was trained on fixes module paths).
@@ -67,14 +71,53 @@ def _num_labels(extra_tensors: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def auto_class(path: str, task_type: str | None, extra_tensors: dict):
-    """The transformers auto class the adapters were trained on, the base config, and head kwargs."""
+def loading_error(exc: Exception, what: str, path: str) -> IterisError:
+    """One line for a failed from_pretrained; a model that ships code of its own is named as such."""
+    text = " ".join(str(exc).split())
+    if "trust_remote_code" in text or "custom code" in text:
+        return IterisError(
+            f"{what} at '{path}' needs code shipped with the model (its config's auto_map); iteris runs no code "
+            "from a model's files unless the config sets trust_remote_code: true. Set it only if you trust that code"
+        )
+    return IterisError(f"cannot load {what} from '{path}': {text[:300]}")
+
+
+def load_model_config(path: str, trust_remote_code: bool = False):
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise IterisError(f"cannot load base model config from '{path}': {exc}") from None
+        return transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise loading_error(exc, "the base model's config", path) from None
+
+
+def check_checkpoint_pickles(path: str) -> None:
+    """Pickled weights (``*.bin``) that would be read instead of safetensors are checked to hold tensors only,
+    before anything is loaded (a directory with safetensors files is read through those)."""
+    root = Path(path)
+    if not root.is_dir():
+        return
+    for folder in [root, *(p for p in root.iterdir() if p.is_dir())]:
+        if any(folder.glob("*.safetensors")):
+            continue
+        for file in sorted(folder.glob("*.bin")):
+            check_pickle(file, "model weights")
+
+
+def max_positions(config) -> int | None:
+    """The longest input the model's position table covers, where it has one."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def auto_class(path: str, task_type: str | None, extra_tensors: dict, trust_remote_code: bool = False):
+    """The transformers auto class the adapters were trained on, the base config, and head kwargs."""
+    import transformers
+
+    config = load_model_config(path, trust_remote_code)
     # models that read images are loaded in their own class whatever task_type their adapters were given
     auto_name = auto_class_name(config) if is_vision_config(config) else _AUTO_CLASSES.get(task_type or "")
     if auto_name is None:
@@ -91,31 +134,35 @@ def auto_class(path: str, task_type: str | None, extra_tensors: dict):
 _LOAD_OPTIONS = {"ignore_mismatched_sizes": True}
 
 
-def check_against_base(path: str, adapters, targets: list[str]) -> None:
+def check_against_base(path: str, adapters, targets: list[str], trust_remote_code: bool = False) -> None:
     """Shape-check the adapters against the base without loading its weights (a model on the meta device)."""
     extras = {k: v for a in adapters for k, v in a.extra_tensors.items()}
-    auto_cls, config, kwargs = auto_class(path, adapters[0].task_type, extras)
+    auto_cls, config, kwargs = auto_class(path, adapters[0].task_type, extras, trust_remote_code)
     for key, value in kwargs.items():
         setattr(config, key, value)
     with torch.device("meta"):
-        model = auto_cls.from_config(config)
+        model = auto_cls.from_config(config, trust_remote_code=trust_remote_code)
     check_layer_shapes(resolve_layers(model, targets), adapters)
 
 
 def load_base_model(
     path: str, task_type: str | None, extra_tensors: dict, dtype: torch.dtype, device: str, tokenizer=None,
-    device_map: str | None = None,
+    device_map: str | None = None, trust_remote_code: bool = False,
 ):
-    """Load the base model in the class its adapters were trained on, never running remote code.
+    """Load the base model in the class its adapters were trained on, running code shipped with it only when
+    ``trust_remote_code`` says so; every floating weight must be finite.
 
     ``device_map`` spreads it over the visible GPUs (transformers' placement); every layer must land on a
     GPU, since a merge reads each target weight and keeps its statistics beside it."""
-    auto_cls, _, kwargs = auto_class(path, task_type, extra_tensors)
+    auto_cls, _, kwargs = auto_class(path, task_type, extra_tensors, trust_remote_code)
     placement = {"device_map": device_map} if device_map else {}
+    check_checkpoint_pickles(path)
     try:
-        model = auto_cls.from_pretrained(path, dtype=dtype, **placement, **kwargs, **(_LOAD_OPTIONS if kwargs else {}))
-    except OSError as exc:
-        raise IterisError(f"cannot load the base model's weights from '{path}': {exc}") from None
+        model = auto_cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **placement, **kwargs,
+                                         **(_LOAD_OPTIONS if kwargs else {}))
+    except (OSError, ValueError) as exc:
+        raise loading_error(exc, "the base model's weights", path) from None
+    check_parameters(model, f"base model '{path}'")
     set_pad_id(model, tokenizer)
     if device_map:
         offloaded = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()
@@ -140,13 +187,13 @@ def set_pad_id(model: nn.Module, tokenizer) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise IterisError(f"cannot load a tokenizer from '{path}': {exc}; set `tokenizer:` in the config") from None
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise loading_error(exc, "a tokenizer", path) from None
     if tok.pad_token_id is None:
         # Padding is masked out of every statistic, so any id will do.
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -223,6 +270,7 @@ class TokenSample:
 
     input_ids: list[int]
     decoder_ids: list[int] | None = None
+    origin: str | None = None  # where it came from (a record of a data file), for messages
 
     @property
     def tokens(self) -> int:
@@ -407,7 +455,7 @@ def tokenize_samples(tokenizer, samples, model: nn.Module, max_length: int, prom
             decoder = [decoder_start] + target
         if not ids:
             continue
-        out.append(TokenSample(input_ids=ids, decoder_ids=decoder))
+        out.append(TokenSample(input_ids=ids, decoder_ids=decoder, origin=sample.origin))
     return out
 
 
@@ -427,7 +475,7 @@ def complete_samples(
     done = greedy_continuations(model, [samples[j] for j in todo], tokenizer, max_new_tokens, batch_size, device)
     out = list(samples)
     for j, sample in zip(todo, done):
-        out[j] = sample
+        out[j] = dataclasses.replace(sample, origin=samples[j].origin)
     return out
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import IterisError
+from .finite import check_parameters
 from .models import auto_class, block_list
 
 SETTINGS = ("auto", "blocks", "off")
@@ -56,7 +57,7 @@ def _checkpoint_files(path: str) -> list[Path]:
 
 
 def load_sharded(path: str, task_type: str | None, extra_tensors: dict, dtype: torch.dtype, layer_names: list[str],
-                 ranks) -> nn.Module:
+                 ranks, trust_remote_code: bool = False) -> nn.Module:
     """The base model with its blocks sharded over ``ranks``, built empty and filled from the checkpoint."""
     from accelerate import init_empty_weights
     from torch.distributed.device_mesh import init_device_mesh
@@ -67,11 +68,11 @@ def load_sharded(path: str, task_type: str | None, extra_tensors: dict, dtype: t
         raise NotShardable(f"sharding a model over processes reads its rows from a local safetensors checkpoint "
                            f"(model.safetensors or an index of shards); '{path}' has none: save it with "
                            "save_pretrained into a directory, or set calibration.shard: off")
-    auto_cls, config, kwargs = auto_class(path, task_type, extra_tensors)
+    auto_cls, config, kwargs = auto_class(path, task_type, extra_tensors, trust_remote_code)
     for key, value in kwargs.items():
         setattr(config, key, value)
     with init_empty_weights(include_buffers=False):  # parameters on the meta device, buffers (rotary tables) real
-        model = auto_cls.from_config(config, dtype=dtype)
+        model = auto_cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     found = block_list(model, layer_names)
     if found is None or getattr(model.config, "is_encoder_decoder", False):
         raise NotShardable(f"{type(model).__name__} does not keep its target layers in one list of blocks walked "
@@ -93,6 +94,7 @@ def load_sharded(path: str, task_type: str | None, extra_tensors: dict, dtype: t
             model.get_buffer(name).copy_(value)
         _read_weights(model, files, ranks)
     model.eval().requires_grad_(False)
+    check_parameters(model, f"base model '{path}'")
     return model
 
 

@@ -18,14 +18,9 @@ from .errors import IterisError
 IMAGE_FIELD = "image"
 
 
-def reads_images(path: str) -> bool:
-    """Whether the base model at ``path`` reads images (from its config alone)."""
-    from transformers import AutoConfig
-
-    try:
-        return is_vision_config(AutoConfig.from_pretrained(path))
-    except (OSError, ValueError):
-        return False  # the text path reports what is wrong with it
+def reads_images(config) -> bool:
+    """Whether the base model reads images (from its config alone)."""
+    return is_vision_config(config)
 
 
 def is_vision_config(config) -> bool:
@@ -42,18 +37,19 @@ def auto_class_name(config) -> str:
     return "AutoModelForImageTextToText"
 
 
-def load_processor(path: str):
+def load_processor(path: str, trust_remote_code: bool = False):
     from transformers import AutoImageProcessor, AutoProcessor
 
+    from .models import loading_error
+
     try:
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         pass
     try:
-        return AutoImageProcessor.from_pretrained(path)
+        return AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise IterisError(f"cannot load an image processor from '{path}': {exc}; set `tokenizer:` to the "
-                          "directory holding the model's processor") from None
+        raise loading_error(exc, "an image processor (set `tokenizer:` to the directory holding it)", path) from None
 
 
 def pad_id(processor) -> int:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..adapters import LoraAdapter
 from ..deltas import DenseDelta, LowRankDelta
 from ..errors import IterisError
+from ..schema import build
 
 Deltas = dict[str, LowRankDelta | DenseDelta]
 
@@ -47,17 +45,11 @@ class MethodSpec:
     aliases: tuple[str, ...] = ()
 
     def parse_params(self, values: dict | None) -> Any:
-        values = dict(values or {})
-        known = {f.name: f for f in dataclasses.fields(self.params_cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise IterisError(
-                f"method '{self.name}' has no parameter(s) {unknown}; its parameters are {sorted(known)} "
-                "(run `iteris methods`)"
-            )
-        hints = typing.get_type_hints(self.params_cls)
-        coerced = {k: _coerce(self.name, k, v, hints[k]) for k, v in values.items()}
-        params = self.params_cls(**coerced)
+        """The method's parameters through the same typed path as the config (``schema.build``)."""
+        try:
+            params = build(self.params_cls, values if values is not None else {}, "parameters")
+        except IterisError as exc:
+            raise IterisError(f"method '{self.name}': {exc} (run `iteris methods`)") from None
         check = getattr(params, "validate", None)
         if check:
             check()
@@ -65,35 +57,6 @@ class MethodSpec:
 
     def describe(self) -> list[tuple[str, str, str]]:
         return [(f.name, repr(f.default), f.metadata.get("help", "")) for f in dataclasses.fields(self.params_cls)]
-
-
-def _coerce(method: str, name: str, value, hint):
-    """YAML gives '1e-7' as a string and ints for floats: accept what a person would write, refuse the rest."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
-    if value is None and type(None) in options:
-        return None
-    for option in options:
-        try:
-            if option is bool:
-                if isinstance(value, bool):
-                    return value
-                if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-                    return value.lower() in ("true", "yes", "on")
-                if value in (0, 1):
-                    return bool(value)
-                continue
-            if option is int and isinstance(value, (int, str)) and not isinstance(value, bool):
-                return int(value)
-            if option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-                number = float(value)
-                if math.isfinite(number):
-                    return number
-                continue
-            if option is str and isinstance(value, str):
-                return value
-        except ValueError:
-            continue
-    raise IterisError(f"method '{method}': parameter '{name}' must be {hint}, got {value!r}")
 
 
 REGISTRY: dict[str, MethodSpec] = {}
