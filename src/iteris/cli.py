@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
 
-from .errors import IterisError
+from .errors import IterisError, Terminated
 
 
 def _cmd_merge(args) -> int:
@@ -56,15 +58,19 @@ def _cmd_methods(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate, format_table, load_eval_config, write_results
 
+    from dataclasses import asdict
+
+    from .output import check_output_dir
+
     cfg = load_eval_config(args.config)
-    for key in ("device", "dtype"):
-        if getattr(args, key):
-            setattr(cfg, key, getattr(args, key))
-    cfg.progress = not args.quiet
+    overrides = {key: getattr(args, key) for key in ("device", "dtype") if getattr(args, key)}
+    cfg = load_eval_config({**asdict(cfg), **overrides, "progress": not args.quiet})
+    if args.out:
+        check_output_dir(args.out, args.force, cfg.inputs())  # before any model loads
     results = evaluate(cfg)
     print(format_table(results))
     if args.out:
-        write_results(results, args.out)
+        write_results(results, args.out, args.force, cfg.inputs())
         print(f"\nresults.json and results.md written to {args.out}")
     return 0
 
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score the base model, each task's adapter and merged adapters on task files")
     e.add_argument("config", help="eval.yaml (base_model, tasks, models); see the README")
     e.add_argument("--out", help="write results.json and results.md here")
+    e.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
     e.add_argument("--device")
     e.add_argument("--dtype")
     e.add_argument("--quiet", action="store_true")
@@ -114,10 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
 def main(argv=None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    """The command line; every problem a user can fix ends in one line on stderr and a non-zero exit:
+    2 for bad input, 130 for Ctrl-C, 143 for SIGTERM (nothing half-written is left either way)."""
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        args = build_parser().parse_args(argv)
+        _log_to_stderr()
         return args.func(args)
     except IterisError as exc:
         print(f"iteris: error: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -125,6 +141,28 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("iteris: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("iteris: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _log_to_stderr() -> None:
+    """What the library logs (a stale temporary removed, say) reaches the user as one line."""
+    logger = logging.getLogger("iteris")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("iteris: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -21,19 +21,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import yaml
 from tqdm.auto import tqdm
 
 from . import models
-from .config import build_section
+from .config import Dtype, check_device, resolve_path
 from .data import load_records
 from .errors import IterisError
+from .files import load_yaml
+from .schema import build, short
 from .metrics import exact_match, rouge_l
 
-METRICS = ("mc_accuracy", "accuracy", "exact_match", "rouge_l", "perplexity")
+Metric = Literal["mc_accuracy", "accuracy", "exact_match", "rouge_l", "perplexity"]
+METRICS = typing.get_args(Metric)
 
 
 @dataclass
@@ -41,7 +46,7 @@ class EvalTask:
     name: str
     data: str
     adapter: str | None = None  # the task's own adapter (the "individual" row)
-    metric: str | None = None
+    metric: Metric | None = None
     limit: int | None = None  # evaluate only the first N records
     max_new_tokens: int = 32
 
@@ -60,39 +65,60 @@ class EvalConfig:
     tokenizer: str | None = None
     task_type: str | None = None  # defaults to the adapters' own
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     batch_size: int = 8
     progress: bool = True
     include_base: bool = True  # the "base" row (the model without any adapter)
+    trust_remote_code: bool = False  # run code shipped with the model (its config's auto_map)
+
+    def inputs(self) -> list[str]:
+        paths = [self.base_model, self.tokenizer] + [p for t in self.tasks for p in (t.data, t.adapter)]
+        return [p for p in paths + [m.path for m in self.models] if p]
 
 
 def load_eval_config(source) -> EvalConfig:
+    """Through the same typed path as the merge config; relative paths in a YAML are relative to it."""
     if isinstance(source, EvalConfig):
-        return source
+        source = asdict(source)
     root = None
     if not isinstance(source, dict):
+        if not isinstance(source, (str, os.PathLike)) or not str(source):
+            raise IterisError(f"an eval config is a path to a YAML file or a dict, got {short(source)}")
         path = Path(source)
         if not path.is_file():
             raise IterisError(f"eval config '{path}' not found")
-        source = yaml.safe_load(path.read_text())
+        source = load_yaml(path, "eval config")
         root = path.resolve().parent
     if not isinstance(source, dict) or "base_model" not in source or "tasks" not in source:
         raise IterisError("an eval config needs base_model and tasks (see `iteris eval --help`)")
-    data = dict(source)
-    tasks = [build_section(EvalTask, t, f"tasks[{i}]") for i, t in enumerate(data.pop("tasks"))]
-    rows = [build_section(EvalModel, m, f"models[{i}]") for i, m in enumerate(data.pop("models", None) or [])]
-    cfg = build_section(EvalConfig, {**data, "tasks": tasks, "models": rows}, "eval config")
+    if source.get("models") is None:
+        source = {**source, "models": []}
+    cfg = build(EvalConfig, source, "")
+    if not cfg.tasks:
+        raise IterisError("tasks is empty: list at least one {name, data} task")
+    names = [t.name for t in cfg.tasks] + [m.name for m in cfg.models]
+    if len(set(names)) != len(names):
+        raise IterisError(f"task and model names must be unique, got {short(names)}")
+    _positive("batch_size", cfg.batch_size)
+    check_device(cfg.device)
+    for i, t in enumerate(cfg.tasks):
+        if t.limit is not None:
+            _positive(f"tasks[{i}].limit", t.limit)
+        _positive(f"tasks[{i}].max_new_tokens", t.max_new_tokens)
     if root is not None:
-        fix = lambda p: str(root / p) if p and not Path(p).is_absolute() and (root / p).exists() else p
-        cfg.base_model, cfg.tokenizer = fix(cfg.base_model), fix(cfg.tokenizer)
-        for t in cfg.tasks:
-            t.data, t.adapter = fix(t.data), fix(t.adapter)
-        for m in cfg.models:
-            m.path = fix(m.path)
-    for t in cfg.tasks:
-        if t.metric is not None and t.metric not in METRICS:
-            raise IterisError(f"task '{t.name}': unknown metric '{t.metric}'; use one of {list(METRICS)}")
+        cfg.base_model = resolve_path(cfg.base_model, root, "base_model", may_be_hub_id=True)
+        cfg.tokenizer = resolve_path(cfg.tokenizer, root, "tokenizer", may_be_hub_id=True)
+        for i, t in enumerate(cfg.tasks):
+            t.data = resolve_path(t.data, root, f"tasks[{i}].data")
+            t.adapter = resolve_path(t.adapter, root, f"tasks[{i}].adapter")
+        for i, m in enumerate(cfg.models):
+            m.path = resolve_path(m.path, root, f"models[{i}].path")
     return cfg
+
+
+def _positive(where: str, value: int) -> None:
+    if value < 1:
+        raise IterisError(f"{where} must be a positive integer, got {value}")
 
 
 def infer_metric(records: list[dict], task: str) -> str:
@@ -122,7 +148,7 @@ def score(model, tokenizer, records: list[dict], metric: str, max_new_tokens: in
             for choice in r["choices"]:
                 pairs.append((context, encode(choice, special=False)))
                 owners.append(index)
-        logps = models.shared_context_logprobs(model, pairs, pad, batch_size, device)
+        logps = _finite(models.shared_context_logprobs(model, pairs, pad, batch_size, device))
         best: dict[int, tuple[float, int]] = {}
         counts: dict[int, int] = {}
         for owner, lp in zip(owners, logps):
@@ -149,10 +175,20 @@ def score(model, tokenizer, records: list[dict], metric: str, max_new_tokens: in
             ids = encode(r["text"])
             if len(ids) > 1:
                 pairs.append((ids[:1], ids[1:]))
-        logps = models.continuation_logprobs(model, pairs, pad, batch_size, device)
+        logps = _finite(models.continuation_logprobs(model, pairs, pad, batch_size, device))
         tokens = sum(len(t) for _, t in pairs)
         return math.exp(-sum(logps) / tokens)
     raise IterisError(f"unknown metric '{metric}'")
+
+
+def _finite(logps: list[float]) -> list[float]:
+    if not all(math.isfinite(x) for x in logps):
+        raise NonFiniteScores("the model's log-probabilities are not finite (NaN or Inf)")
+    return logps
+
+
+class NonFiniteScores(IterisError):
+    """A model gives non-finite outputs; ``evaluate`` names the row and task."""
 
 
 def normalized(value: float, reference: float, metric: str) -> float:
@@ -180,7 +216,8 @@ def _load(cfg: EvalConfig, task_type, paths: list[str], heads: dict[str, dict], 
     extras = {}
     for path in paths:
         extras.update(heads[path])
-    base = models.load_base_model(cfg.base_model, task_type, extras, dtype, device, tokenizer)
+    base = models.load_base_model(cfg.base_model, task_type, extras, dtype, device, tokenizer,
+                                  trust_remote_code=cfg.trust_remote_code)
     if not paths:
         return base, {}
     names = {path: f"a{i}" for i, path in enumerate(paths)}
@@ -226,7 +263,7 @@ def evaluate(source) -> dict:
 
     device = models.resolve_device(cfg.device)
     dtype = models.resolve_dtype(cfg.dtype, device)
-    tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model)
+    tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model, cfg.trust_remote_code)
     by_name = {t.name: t for t in cfg.tasks}
     scores: dict[str, dict[str, float]] = {row: {} for row in plan}
     with tqdm(total=len(plan) * len(cfg.tasks), desc="eval", disable=not cfg.progress, unit="task") as bar:
@@ -236,7 +273,8 @@ def evaluate(source) -> dict:
             for row_name, assignment in plan.items():
                 for name in task_names:
                     t, path = by_name[name], assignment[name]
-                    run = lambda: score(model, tokenizer, records[name], metrics[name], t.max_new_tokens, cfg.batch_size, device)
+                    run = lambda: _scored(row_name, name, lambda: score(
+                        model, tokenizer, records[name], metrics[name], t.max_new_tokens, cfg.batch_size, device))
                     if path is None and names:
                         with model.disable_adapter():
                             scores[row_name][name] = run()
@@ -277,8 +315,18 @@ def text_table(header: list[str], body: list[list[str]], markdown: bool = False)
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
 
 
-def write_results(results: dict, out: str | Path) -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(format_table(results, markdown=True) + "\n")
+def _scored(row: str, task: str, run) -> float:
+    try:
+        return run()
+    except NonFiniteScores as exc:
+        raise IterisError(f"row '{row}', task '{task}': {exc}; its weights or its dtype (float16 overflow) are at "
+                          "fault, so no score is reported") from None
+
+
+def write_results(results: dict, out: str | Path, force: bool = False, inputs=()) -> None:
+    """results.json and results.md, written atomically; an existing non-empty ``out`` only with ``force``."""
+    from .output import atomic_directory
+
+    with atomic_directory(out, force, inputs) as tmp:
+        (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str, allow_nan=False) + "\n")
+        (tmp / "results.md").write_text(format_table(results, markdown=True) + "\n")

@@ -202,4 +202,4 @@ def write_merged_model(
 
 
 def write_report(directory: Path, report: dict) -> None:
-    (directory / "merge_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (directory / "merge_report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=False) + "\n")
