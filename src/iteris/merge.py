@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import time
@@ -17,6 +18,8 @@ from .models import TokenSample
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
 from .finite import check_deltas
+
+log = logging.getLogger("iteris")
 from .schema import build
 from .methods import MergeContext, get_method
 from .output import atomic_directory, check_output_dir, write_adapter, write_merged_model, write_report
@@ -112,14 +115,7 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
     if missing:
         raise IterisError(f"this method needs calibration samples: set `data:` for adapter(s) {missing}")
     config = models.load_model_config(cfg.base_model, cfg.trust_remote_code)
-    positions = models.max_positions(config)
-    longest = cfg.calibration.max_length + (cfg.calibration.max_new_tokens if cfg.calibration.generate else 0)
-    if positions is not None and longest > positions:
-        raise IterisError(
-            f"calibration.max_length {cfg.calibration.max_length}"
-            f"{' + max_new_tokens ' + str(cfg.calibration.max_new_tokens) if cfg.calibration.generate else ''} is more "
-            f"tokens than the base model has positions ({positions}); set max_length to at most {positions}"
-            f"{' minus max_new_tokens' if cfg.calibration.generate else ''}")
+    _fit_positions(cfg.calibration, models.max_positions(config))
     images = vision.reads_images(config)
     if images and cfg.calibration.generate:
         raise IterisError("calibration.generate writes text continuations; this model reads images: give the texts "
@@ -220,6 +216,22 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
         if len(s) < (spec.samples or cfg.calibration.samples):
             entry["note"] = f"only {len(s)} usable samples in {spec.data}"
     return calib
+
+
+def _fit_positions(cal: CalibrationConfig, positions: int | None) -> None:
+    """Samples no longer than the model's position table (with room for generated tokens): longer ones are
+    cut to it, said aloud when the length was chosen rather than left at its default."""
+    if positions is None:
+        return
+    room = positions - (cal.max_new_tokens if cal.generate else 0)
+    if room < 1:
+        raise IterisError(f"calibration.max_new_tokens {cal.max_new_tokens} leaves no room for a prompt in the base "
+                          f"model's {positions} positions; lower it")
+    if cal.max_length > room:
+        if cal.max_length != CalibrationConfig.max_length:
+            log.warning("calibration.max_length %d is beyond the base model's %d positions%s: samples are cut to %d "
+                        "tokens", cal.max_length, positions, " (less max_new_tokens)" if cal.generate else "", room)
+        cal.max_length = room
 
 
 def merge(config, *, out: str | Path | None = None, force: bool = False, **overrides):
