@@ -158,11 +158,16 @@ def _main_thread() -> bool:
 def _log_to_stderr() -> None:
     """What the library logs (a stale temporary removed, say) reaches the user as one line."""
     logger = logging.getLogger("iteris")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("iteris: %(message)s"))
-        logger.addHandler(handler)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
         logger.setLevel(logging.INFO)
+
+
+class _Stderr(logging.Handler):
+    """Whatever ``sys.stderr`` is when a line is logged (not when the handler was made)."""
+
+    def emit(self, record):
+        print(f"iteris: {record.getMessage()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,306 @@
+"""What iteris promises, tried as a careless and as a hostile user would: nothing a user owns is destroyed or
+overwritten outside ``--out``; nothing non-finite is written; every bad input is a one-line error (exit 2)
+before long work; no code from a user's files runs unless the config says so.
+
+Each case drives the command line (in process, or as a real process where signals or stdin matter) on a
+project of its own: a tiny Llama, two PEFT adapters, two JSONL files and ``merge.yaml`` with relative paths.
+Afterwards the project's bytes and modes are compared with a snapshot taken before, and the output and
+any temporary are checked to be absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import iteris
+from iteris import IterisError
+from iteris.cli import main
+
+YAML = """\
+base_model: base
+method: {method}
+device: cpu
+dtype: float32
+progress: false
+parameters: {parameters}
+calibration:
+  samples: 4
+  max_length: 32
+  batch_size: 4
+adapters:
+  - name: first
+    path: adapters/a0
+    data: data/d0.jsonl
+  - name: second
+    path: adapters/a1
+    data: data/d1.jsonl
+"""
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, tiny_family_dir, adapters_for, calibration_file):
+    """A project directory that cases copy (never write into it)."""
+    root = tmp_path_factory.mktemp("safety_template")
+    shutil.copytree(tiny_family_dir("llama"), root / "base")
+    for i, a in enumerate(adapters_for("llama", 2)):
+        shutil.copytree(a, root / "adapters" / f"a{i}")
+    (root / "data").mkdir()
+    for i in range(2):
+        shutil.copy(calibration_file("jsonl", n=6, seed=i), root / "data" / f"d{i}.jsonl")
+    write_yaml(root)
+    return root
+
+
+def write_yaml(root: Path, method: str = "task_arithmetic", parameters: str = "{}", **changes) -> Path:
+    data = yaml.safe_load(YAML.format(method=method, parameters=parameters))
+    for key, value in changes.items():
+        data[key] = value
+    (root / "merge.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return root / "merge.yaml"
+
+
+@pytest.fixture
+def project(template, tmp_path):
+    """A fresh copy of the project, and a working directory beside it; the test may change the copy."""
+    proj = tmp_path / "project"
+    shutil.copytree(template, proj)
+    work = tmp_path / "work"
+    work.mkdir()
+    return proj, work
+
+
+def snapshot(root: Path) -> dict:
+    """Every file's bytes and every entry's mode under ``root`` (symlinks as their targets' text)."""
+    out = {}
+    for path in sorted([root, *root.rglob("*")]):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = ("link", os.readlink(path))
+        elif path.is_file():
+            out[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode)
+        else:
+            out[rel] = ("dir", path.stat().st_mode)
+    return out
+
+
+def run(argv, cwd) -> tuple[int, str, str]:
+    """``main(argv)`` from ``cwd``: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def refused(argv, cwd, *words, snapshot_of=None):
+    """The command fails with one line on stderr naming ``words``; ``snapshot_of`` is left as it was."""
+    before = snapshot(snapshot_of) if snapshot_of is not None else None
+    code, stdout, stderr = run(argv, cwd)
+    assert code == 2, (stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("iteris: error: "), stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    if before is not None:
+        assert snapshot(snapshot_of) == before
+    return lines[0]
+
+
+def no_temporaries(parent: Path) -> None:
+    left = [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name or ".probe-" in p.name]
+    assert not left, left
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. --force never writes over, into or around an input
+
+
+@pytest.mark.parametrize("where,word", [
+    ("base", "is the input"), ("adapters/a0", "is the input"), ("adapters", "holds the input"),
+    (".", "holds the input"), ("base/merged", "inside the input"), ("data/d0.jsonl", "is the input"),
+    ("merge.yaml", "is the input"),
+])
+def test_force_onto_an_input_is_refused(project, where, word):
+    proj, work = project
+    refused(["merge", proj / "merge.yaml", "--out", proj / where, "--force"], work, word, snapshot_of=proj)
+    no_temporaries(proj)
+
+
+def test_force_onto_a_symlink_to_an_input_is_refused(project):
+    proj, work = project
+    (work / "link").symlink_to(proj / "adapters" / "a1", target_is_directory=True)
+    refused(["merge", proj / "merge.yaml", "--out", work / "link", "--force"], work, "is the input", snapshot_of=proj)
+    assert (work / "link").is_symlink()
+
+
+@pytest.mark.parametrize("out,word", [(".", "working directory"), ("", "empty"), ("  ", "empty"),
+                                      ("/", "root"), ("~", "home")])
+def test_force_onto_the_working_directory_home_or_root_is_refused(project, out, word):
+    proj, work = project
+    (work / "keep.txt").write_text("mine")
+    target = str(Path.home()) if out == "~" else out
+    refused(["merge", proj / "merge.yaml", "--out", target, "--force"], work, word, snapshot_of=work)
+
+
+def test_force_onto_a_parent_of_the_working_directory_is_refused(project):
+    proj, work = project
+    inner = work / "deep" / "inside"
+    inner.mkdir(parents=True)
+    refused(["merge", proj / "merge.yaml", "--out", work, "--force"], inner, "working directory", snapshot_of=work)
+
+
+def test_force_replaces_an_unrelated_directory(project):
+    proj, work = project
+    (work / "old").mkdir()
+    (work / "old" / "stale.txt").write_text("x")
+    before = snapshot(proj)
+    code, _, stderr = run(["merge", proj / "merge.yaml", "--out", work / "old", "--force"], work)
+    assert code == 0, stderr
+    assert not (work / "old" / "stale.txt").exists() and (work / "old" / "adapter_model.safetensors").is_file()
+    assert snapshot(proj) == before
+    no_temporaries(work)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7, 8. The output is checked writable before any model loads, and follows the umask
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        return locked
+    if os.access("/sys", os.F_OK) and not _can_create("/sys"):
+        return Path("/sys")  # (root writes anywhere a permission allows; sysfs refuses new entries)
+    pytest.skip("no directory here refuses this user's writes")
+
+
+def _can_create(where: str) -> bool:
+    try:
+        os.rmdir(__import__("tempfile").mkdtemp(dir=where))
+        return True
+    except OSError:
+        return False
+
+
+def test_unwritable_output_is_refused_before_any_model_loads(project, monkeypatch):
+    proj, work = project
+    models = __import__("iteris.models", fromlist=["x"])
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    write_yaml(proj, method="iteris", parameters="{iterations: 1}")
+    locked = _unwritable_dir(work)
+    refused(["merge", proj / "merge.yaml", "--out", locked / "merged"], work, "cannot be written", snapshot_of=proj)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_output_follows_the_umask(project, mask):
+    proj, work = project
+    previous = os.umask(mask)
+    try:
+        (work / "existing").mkdir(mode=0o755)
+        (work / "existing" / "old").write_text("x")
+        code, _, stderr = run(["merge", proj / "merge.yaml", "--out", work / "existing", "--force"], work)
+    finally:
+        os.umask(previous)
+    assert code == 0, stderr
+    out = work / "existing"
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    for name in ("adapter_model.safetensors", "adapter_config.json", "merge_report.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. SIGTERM and Ctrl-C: one line, the right exit code, nothing left behind; stale temporaries go
+
+_SLOW_WRITE = """
+import pathlib, sys, time
+import iteris.output as output
+real = output.write_adapter
+def slow(directory, *args, **kwargs):
+    real(directory, *args, **kwargs)
+    pathlib.Path(sys.argv[1]).write_text("writing")
+    time.sleep(60)
+output.write_adapter = slow
+import iteris.merge
+sys.modules["iteris.merge"].write_adapter = slow
+from iteris.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+@pytest.mark.parametrize("merge_into_base", [False, True])
+def test_sigterm_during_the_write_cleans_up_and_exits_143(project, merge_into_base):
+    proj, work = project
+    flag = work / "flag"
+    out = work / "merged"
+    args = ["merge", str(proj / "merge.yaml"), "--out", str(out)] + (["--merge-into-base"] if merge_into_base else [])
+    before = snapshot(proj)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITE, str(flag), *args], cwd=work, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not flag.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the merge never reached its write"
+        time.sleep(0.1)
+    assert any(".tmp-" in p.name for p in work.iterdir())  # caught mid-write
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "iteris: terminated (SIGTERM); nothing was written"
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    no_temporaries(work)
+    assert snapshot(proj) == before
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed_and_live_ones_kept(project):
+    proj, work = project
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = work / f".merged.tmp-{int(dead.stdout)}-abc123"
+    stale_old = work / f".merged.old-{int(dead.stdout)}-def456"
+    live = work / f".merged.tmp-{os.getppid()}-xyz789"  # (pytest's parent: a process that surely runs)
+    for d in (stale, stale_old, live):
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"partial")
+    code, _, stderr = run(["merge", proj / "merge.yaml", "--out", work / "merged"], work)
+    assert code == 0, stderr
+    assert not stale.exists() and not stale_old.exists() and live.exists()
+    assert f"removed {stale}" in stderr
+
+
+def test_ctrl_c_while_starting_is_one_line(project, monkeypatch):
+    """The package loads torch only inside ``main``, where an interrupt is answered with one line."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, iteris.cli; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr
+    proj, work = project
+    merge_module = __import__("iteris.merge", fromlist=["x"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_module, "merge", interrupted)
+    code, _, stderr = run(["merge", proj / "merge.yaml", "--out", work / "merged"], work)
+    assert code == 130 and stderr.strip() == "iteris: interrupted; nothing was written"
