@@ -118,7 +118,7 @@ def load_adapter(name: str, path: str | Path) -> LoraAdapter:
             f"adapter '{name}': {cfg_file} not found; `path` must be a PEFT adapter directory "
             "(adapter_config.json + adapter_model.safetensors)"
         )
-    cfg = load_json(cfg_file, f"adapter '{name}' config")
+    cfg = load_json(cfg_file, f"adapter '{name}' config", constants=True)  # (NaN alphas named by _scaling)
     if not isinstance(cfg, dict):
         raise IterisError(f"adapter '{name}': {cfg_file} must hold a JSON object (PEFT's LoraConfig), got "
                           f"{type(cfg).__name__}")

@@ -129,18 +129,19 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def loads_json(text: str, where: str):
-    """JSON as the standard defines it: NaN and Infinity are refused, not read as numbers."""
+def loads_json(text: str, where: str, constants: bool = False):
+    """JSON as the standard defines it: NaN and Infinity are refused, not read as numbers (``constants``: read,
+    for a caller that checks the numbers it uses and names the key)."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=float if constants else _no_constant)
     except ValueError as exc:  # (JSONDecodeError is a ValueError)
         raise IterisError(f"{where} is not valid JSON: {exc}") from None
     except RecursionError:
         raise IterisError(f"{where}: the JSON nests too deeply") from None
 
 
-def load_json(path: str | Path, what: str):
-    return loads_json(read_text(path, what), f"{what} '{path}'")
+def load_json(path: str | Path, what: str, constants: bool = False):
+    return loads_json(read_text(path, what), f"{what} '{path}'", constants)
 
 
 def check_pickle(path: str | Path, what: str) -> None:
