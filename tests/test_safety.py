@@ -516,3 +516,308 @@ def test_adapter_names_that_are_not_plain_names_are_refused(project, name):
     edit_yaml(proj, lambda d: (d["adapters"][0].update(name=name), d.update(modules_to_save="per_adapter")))
     refused(["merge", proj / "merge.yaml", "--out", work / "merged"], work, "adapters[0].name", snapshot_of=proj.parent)
     assert not Path("/tmp/escape").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 4, 5. No code from a user's files: remote code is never prompted for or run, pickles never executed
+
+_EVIL = """
+import pathlib
+pathlib.Path({marker!r}).write_text("code from the model's files ran")
+from transformers import PretrainedConfig
+class EvilConfig(PretrainedConfig):
+    model_type = "evil"
+"""
+
+
+def _remote_code_base(proj: Path, marker: Path, tokenizer_only: bool) -> None:
+    base = proj / "base"
+    (base / "evil.py").write_text(_EVIL.format(marker=str(marker)))
+    if tokenizer_only:
+        cfg = json.loads((base / "tokenizer_config.json").read_text())
+        cfg.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}, tokenizer_class="EvilTokenizer")
+        (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    else:
+        cfg = json.loads((base / "config.json").read_text())
+        cfg.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+        (base / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("tokenizer_only", [False, True])
+@pytest.mark.parametrize("method", ["iteris", "task_arithmetic"])
+def test_remote_code_is_never_prompted_for_nor_run(project, tokenizer_only, method):
+    """A base whose config or tokenizer asks for its own code: no "[y/N]" prompt (a 'y' waits on stdin), no code
+    run, one line that names trust_remote_code."""
+    proj, work = project
+    if tokenizer_only and method != "iteris":
+        pytest.skip("a data-free merge reads no tokenizer")
+    marker = work / "ran"
+    _remote_code_base(proj, marker, tokenizer_only)
+    write_yaml(proj, method=method, parameters="{iterations: 1}" if method == "iteris" else "{}")
+    proc = subprocess.run([sys.executable, "-m", "iteris", "merge", str(proj / "merge.yaml"), "--out", str(work / "m")],
+                          input="y\ny\n", capture_output=True, text=True, cwd=work, env=_env(), timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert not marker.exists()
+    assert "[y/N]" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("iteris: error: ")
+    if not tokenizer_only:
+        assert "trust_remote_code: true" in proc.stderr
+    assert not (work / "m").exists()
+
+
+def test_trust_remote_code_must_be_a_boolean(project):
+    proj, work = project
+    edit_yaml(proj, lambda d: d.update(trust_remote_code="yes"))
+    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, "trust_remote_code", "true or false")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pickle ran"))
+
+
+def _pickle_with_payload(path: Path, marker: Path, tensors: dict) -> None:
+    torch.save({**tensors, "payload": _Payload(str(marker))}, str(path))
+
+
+def test_a_pickled_adapter_with_a_payload_is_refused_before_the_model_loads(project, monkeypatch):
+    proj, work = project
+    marker = work / "ran"
+    a0 = proj / "adapters" / "a0"
+    tensors = load_file(str(a0 / "adapter_model.safetensors"))
+    (a0 / "adapter_model.safetensors").unlink()
+    _pickle_with_payload(a0 / "adapter_model.bin", marker, tensors)
+    models = sys.modules["iteris.models"]
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    write_yaml(proj, method="iteris", parameters="{iterations: 1}")
+    line = refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, "adapter_model.bin", "run code",
+                   snapshot_of=proj)
+    assert "weights_only=False" not in line
+    assert not marker.exists()
+
+
+def test_a_plain_pickled_adapter_still_loads(project):
+    proj, work = project
+    a0 = proj / "adapters" / "a0"
+    tensors = load_file(str(a0 / "adapter_model.safetensors"))
+    (a0 / "adapter_model.safetensors").unlink()
+    torch.save(tensors, str(a0 / "adapter_model.bin"))
+    assert run(["merge", proj / "merge.yaml", "--out", work / "m"], work)[0] == 0
+
+
+def test_a_pickled_base_with_a_payload_is_refused_before_merging_into_it(project, monkeypatch):
+    proj, work = project
+    marker = work / "ran"
+    base = proj / "base"
+    tensors = load_file(str(base / "model.safetensors"))
+    (base / "model.safetensors").unlink()
+    _pickle_with_payload(base / "pytorch_model.bin", marker, tensors)
+    merge_module = sys.modules["iteris.merge"]
+    monkeypatch.setattr(merge_module, "run_method", lambda *a, **k: pytest.fail("the merge ran"))
+    refused(["merge", proj / "merge.yaml", "--out", work / "m", "--merge-into-base"], work, "pytorch_model.bin",
+            "run code", snapshot_of=proj)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Loose types and files: one typed reading, one line each
+
+
+@pytest.mark.parametrize("mutate,words", [
+    (lambda d: d.update(merge_into_base="false"), ["merge_into_base", "true or false"]),
+    (lambda d: d["calibration"].update(generate="false"), ["calibration.generate", "true or false"]),
+    (lambda d: d.update(base_model=123), ["base_model", "a string"]),
+    (lambda d: d["adapters"][1].update(name=7), ["adapters[1].name", "a string"]),
+    (lambda d: d["calibration"].update(seed=[1, 2]), ["calibration.seed", "an integer"]),
+    (lambda d: d.update(device="banana"), ["banana", "not a device"]),
+    (lambda d: d.update(device="meta"), ["meta"]),
+    (lambda d: d.update(device=0), ["device", "a string"]),
+    (lambda d: d.update(device="cuda:0") if not torch.cuda.is_available() else d.update(device="cuda:99"), ["cuda"]),
+    (lambda d: d["adapters"][1].update(name=""), ["adapters[1].name", "empty"]),
+    (lambda d: d["adapters"][1].update(name="first"), ["unique"]),
+    (lambda d: d.update(rank=2.5), ["rank", "an integer"]),
+    (lambda d: d["calibration"].update(max_length=True), ["calibration.max_length", "an integer"]),
+    (lambda d: d.update(adapters=[]), ["adapters"]),
+    (lambda d: d.update(adapters={"a": 1}), ["adapters"]),
+    (lambda d: d.update(calibration=[1]), ["calibration", "a mapping"]),
+])
+def test_loose_types_are_refused_in_one_line(project, mutate, words):
+    proj, work = project
+    edit_yaml(proj, mutate)
+    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, *words, snapshot_of=proj)
+    assert not (work / "m").exists()
+
+
+def test_a_quoted_false_is_not_read_as_true(project):
+    """The case that wrote a full model when an adapter was asked for."""
+    proj, work = project
+    text = (proj / "merge.yaml").read_text() + "merge_into_base: 'false'\n"
+    (proj / "merge.yaml").write_text(text)
+    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, "merge_into_base")
+    assert not (work / "m").exists()
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"base_model: base\nmethod: t\xe9st\n", ["not UTF-8", "line 2"]),
+    ("base_model: base\n".encode("utf-16"), ["UTF-16"]),
+    (b"base_model: base\nmethod: iteris\nmethod: regmean\nadapters: []\n", ["method", "twice", "line 3"]),
+    (b"a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+     b"d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
+     b"f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\ng: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n"
+     b"h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]\ni: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]\n"
+     b"base_model: [*i, *i, *i, *i, *i, *i, *i, *i, *i]\n", ["expands to more than"]),
+    (b"- just\n- a list\n", ["mapping"]),
+    (b"base_model: [unclosed\n", ["not valid YAML"]),
+    (b"", ["mapping"]),
+])
+def test_bad_yaml_files_are_one_line_within_seconds(project, content, words):
+    proj, work = project
+    (proj / "merge.yaml").write_bytes(content)
+    start = time.perf_counter()
+    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, *words)
+    assert time.perf_counter() - start < 5
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(project):
+    """YAML 1.1 would read alpha1: 1e-7 as a string; every person reads a number."""
+    from iteris.config import load_config
+
+    proj, _ = project
+    write_yaml(proj, method="iteris", parameters="{alpha1: 1e-7, alpha2: 2E-5}")
+    cfg = load_config(proj / "merge.yaml")
+    assert cfg.parameters == {"alpha1": 1e-7, "alpha2": 2e-5}
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("d1.jsonl", "caf\xe9 au lait\n".encode("latin-1"), ["not UTF-8"]),
+    ("d1.jsonl", '{"text": "x"}\n'.encode("utf-16"), ["UTF-16"]),
+    ("d1.jsonl", b'{"text": "a"}\n{"text": ["a", "list"]}\n', ["record 2", "list", "not text"]),
+    ("d1.jsonl", b'{"text": "a"}\n{"text": {"a": 1}}\n', ["record 2", "dict"]),
+    ("d1.jsonl", b'{"text": "a"}\n{"text": 42}\n', ["record 2", "int"]),
+    ("d1.jsonl", b'{"text": "a"}\n{"other": "b"}\n', ["record 2", "no field 'text'"]),
+    ("d1.jsonl", b'{"text": NaN}\n', ["NaN"]),
+    ("d1.jsonl", b'{"text": "a"}\n{"text": \n', ["line 2", "not valid JSON"]),
+    ("d1.parquet", b"PAR1 this is not parquet PAR1", ["not a readable Parquet file"]),
+    ("d1.csv", b"text\n\"unclosed\n", ["CSV"]),
+])
+def test_bad_data_files_are_one_line_before_the_model_loads(project, monkeypatch, name, content, words):
+    proj, work = project
+    (proj / "data" / name).write_bytes(content)
+    edit_yaml(proj, lambda d: (d["adapters"][1].update(data=f"data/{name}"), d.update(method="iteris")))
+    models = sys.modules["iteris.models"]
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, *words, snapshot_of=proj)
+
+
+def test_null_values_are_skipped_not_turned_into_text(project):
+    from iteris.config import CalibrationConfig
+    from iteris.data import select_samples
+
+    samples = select_samples([{"text": None}, {"text": "real"}, {"text": ""}], CalibrationConfig(), "x")
+    assert [s.text for s in samples] == ["real"]
+
+
+def test_max_length_beyond_the_positions_is_cut_with_a_warning(project):
+    proj, work = project
+    edit_yaml(proj, lambda d: (d["calibration"].update(max_length=100000), d.update(method="regmean")))
+    long_line = json.dumps({"text": " ".join(["word"] * 20000)})
+    (proj / "data" / "d1.jsonl").write_text(long_line + "\n")
+    code, _, stderr = run(["merge", proj / "merge.yaml", "--out", work / "m"], work)
+    assert code == 0, stderr
+    assert "max_length 100000 is beyond the base model's 128 positions" in stderr
+    report = json.loads((work / "m" / "merge_report.json").read_text())
+    assert report["adapters"][1]["tokens"] <= 128
+
+
+def test_paths_not_beside_the_yaml_are_not_taken_from_the_working_directory(project):
+    """A relative path is relative to the config; another model of that name in the working directory is
+    never picked up instead."""
+    proj, work = project
+    shutil.copytree(proj / "base", work / "other_base")
+    edit_yaml(proj, lambda d: d.update(base_model="other_base"))
+    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, "other_base", "not beside the config")
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. iteris eval and the Python API go through the same checks
+
+
+def _eval_yaml(proj: Path, **changes) -> Path:
+    data = {"base_model": "base", "tasks": [{"name": "t0", "data": "data/d0.jsonl", "adapter": "adapters/a0", "limit": 2}],
+            "models": [], "device": "cpu", "progress": False, **changes}
+    (proj / "eval.yaml").write_text(yaml.safe_dump(data))
+    return proj / "eval.yaml"
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"tasks": None}, ["tasks"]), ({"tasks": []}, ["tasks is empty"]), ({"batch_size": 0}, ["batch_size"]),
+    ({"tasks": [{"name": "t0", "data": "data/d0.jsonl", "limit": -1}]}, ["limit"]),
+    ({"tasks": [{"name": "t0", "data": "data/d0.jsonl", "metric": "bleu"}]}, ["metric", "one of"]),
+    ({"device": "banana"}, ["banana"]), ({"include_base": "no"}, ["include_base", "true or false"]),
+])
+def test_bad_eval_configs_are_one_line(project, changes, words):
+    proj, work = project
+    refused(["eval", _eval_yaml(proj, **changes)], work, *words)
+
+
+def test_malformed_eval_yaml_is_one_line(project):
+    proj, work = project
+    (proj / "eval.yaml").write_text("base_model: [\n")
+    refused(["eval", proj / "eval.yaml"], work, "not valid YAML")
+
+
+def test_eval_refuses_to_overwrite_results_without_force(project):
+    proj, work = project
+    out = work / "results"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    refused(["eval", _eval_yaml(proj), "--out", out], work, "not empty", "--force")
+    assert (out / "results.json").read_text() == "{}"
+    refused(["eval", _eval_yaml(proj), "--out", proj / "adapters", "--force"], work, "holds the input")
+    code, _, stderr = run(["eval", _eval_yaml(proj), "--out", out, "--force"], work)
+    assert code == 0, stderr
+    assert json.loads((out / "results.json").read_text())["rows"]
+
+
+def test_eval_of_a_nan_adapter_is_an_error_not_a_zero(project):
+    proj, work = project
+    shutil.copytree(proj / "adapters" / "a0", proj / "broken")
+    _edit_tensors(proj / "broken", lambda t: t[_first(t, "lora_B.weight")].fill_(float("nan")))
+    refused(["eval", _eval_yaml(proj, models=[{"name": "broken", "path": "broken"}])], work, "broken", "non-finite")
+
+
+def test_the_python_api_checks_what_the_cli_checks(project):
+    proj, _ = project
+    from iteris.config import load_config
+
+    cfg = load_config(proj / "merge.yaml")
+    for bad, word in (({"device": "banana"}, "banana"), ({"merge_into_base": "false"}, "true or false"),
+                      ({"rank": 0}, "rank"), ({"calibration": {"seed": [1]}}, "calibration.seed")):
+        with pytest.raises(IterisError, match=word):
+            iteris.merge(cfg, **bad)
+    cfg.adapters[0].weight = float("nan")  # a dataclass takes anything: merge checks it again
+    with pytest.raises(IterisError, match="adapters\\[0\\].weight"):
+        iteris.merge(cfg)
+    with pytest.raises(IterisError, match="not a plain name"):
+        iteris.merge({**yaml.safe_load((proj / "merge.yaml").read_text()), "adapters": [{"name": "../x", "path": "p"}]})
+
+
+def test_merge_loaded_checks_weights_and_lists(project, load_tiny):
+    from iteris.adapters import load_adapter
+    from iteris.merge import merge_loaded
+    from iteris.models import TokenSample
+
+    proj, _ = project
+    model, _ = load_tiny("llama")
+    adapters = [load_adapter(n, proj / "adapters" / n) for n in ("a0", "a1")]
+    samples = [[TokenSample(input_ids=[1, 5, 6, 7])], [TokenSample(input_ids=[1, 8, 9])]]
+    for kwargs, word in (({"weights": [1.0, float("nan")]}, "finite number"), ({"weights": [1.0]}, "one weight per adapter"),
+                         ({"weights": [1.0, -1.0]}, "negative"), ({"calibration": {"walk": "x"}}, "calibration.walk"),
+                         ({"parameters": {"iterations": "2"}}, "iterations")):
+        with pytest.raises(IterisError, match=word):
+            merge_loaded(model, adapters, samples, **kwargs)
+    with pytest.raises(IterisError, match="sample lists for 2 adapters"):
+        merge_loaded(model, adapters, samples[:1])

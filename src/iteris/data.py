@@ -37,7 +37,7 @@ def load_records(path: str | Path) -> list[dict]:
         return _load_json(p, text)
     if suffix in (".csv", ".tsv"):
         try:
-            return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+            return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",", strict=True))
         except csv.Error as exc:
             raise IterisError(f"calibration data '{p}' is not valid {suffix[1:].upper()}: {exc}") from None
     # anything else is plain text, one sample a line
@@ -45,10 +45,10 @@ def load_records(path: str | Path) -> list[dict]:
 
 
 def _load_parquet(p: Path) -> list[dict]:
-    from datasets import Dataset
+    import pyarrow.parquet as pq  # (datasets' own reader: read directly, with no cache written beside it)
 
     try:
-        return Dataset.from_parquet(str(p)).to_list()
+        return pq.read_table(str(p)).to_pylist()
     except Exception as exc:  # noqa: BLE001  (pyarrow's errors for a damaged file have no common base)
         raise IterisError(f"calibration data '{p}' is not a readable Parquet file ({type(exc).__name__}: "
                           f"{short_exc(exc)})") from None

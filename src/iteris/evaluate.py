@@ -206,7 +206,7 @@ def _heads(path: str) -> dict:
     """An adapter's trained modules_to_save tensors (classifier heads), which fix the head's size."""
     from .adapters import load_adapter
 
-    return load_adapter("eval", path).extra_tensors
+    return load_adapter(str(path), path).extra_tensors
 
 
 def _load(cfg: EvalConfig, task_type, paths: list[str], heads: dict[str, dict], device, dtype, tokenizer):
