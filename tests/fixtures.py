@@ -449,3 +449,24 @@ def write_calibration(path: Path, kind: str, n: int, seed: int) -> Path:
         raise ValueError(f"unknown calibration kind {kind!r}; expected one of {CALIBRATION_KINDS}")
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+
+
+def run_cli(argv, cwd) -> tuple[int, str, str]:
+    """``iteris`` with ``argv`` from the working directory ``cwd``, in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    import pytest
+
+    from iteris.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()

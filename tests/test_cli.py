@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -16,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import iteris
+from fixtures import run_cli
 from iteris.cli import main
 
 N_LAYERS = 2 * 7  # tiny llama: 2 blocks x 7 target projections
@@ -65,14 +64,7 @@ def project(tmp_path_factory, tiny_family_dir, adapters_for, calibration_file):
     return proj, elsewhere
 
 
-def _run(argv, cwd):
-    """main(argv) from ``cwd``; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
+_run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,13 @@ any temporary are checked to be absent.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -30,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import iteris
 from iteris import IterisError
-from iteris.cli import main
+from fixtures import run_cli
 
 YAML = """\
 base_model: base
@@ -105,14 +102,7 @@ def snapshot(root: Path) -> dict:
     return out
 
 
-def run(argv, cwd) -> tuple[int, str, str]:
-    """``main(argv)`` from ``cwd``: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
+run = run_cli
 
 
 def refused(argv, cwd, *words, snapshot_of=None):

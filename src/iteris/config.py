@@ -51,12 +51,12 @@ class CalibrationConfig:
     def validate(self) -> None:
         """What the types alone do not say (they are checked by ``schema.build``)."""
         for name in ("samples", "max_length", "batch_size", "max_new_tokens", "steps"):
-            _positive_int(f"calibration.{name}", getattr(self, name))
+            positive_int(f"calibration.{name}", getattr(self, name))
         if isinstance(self.timesteps, list):
             if not self.timesteps or any(t < 0 for t in self.timesteps):
                 raise IterisError(f"calibration.timesteps must be a count or a list of step indices, got {short(self.timesteps)}")
         else:
-            _positive_int("calibration.timesteps", self.timesteps)
+            positive_int("calibration.timesteps", self.timesteps)
         if not self.seeds:
             raise IterisError("calibration.seeds must be a non-empty list of integers")
         for name in ("height", "width", "guidance_scale"):
@@ -108,7 +108,7 @@ class MergeConfig:
         """Checks that hold for any source of values (YAML, dict, keyword overrides)."""
         self.calibration.validate()
         if self.rank is not None:
-            _positive_int("rank", self.rank)
+            positive_int("rank", self.rank)
         for key in ("base_model", "method", "device"):
             if not getattr(self, key).strip():
                 raise IterisError(f"{key} is empty")
@@ -125,7 +125,7 @@ class MergeConfig:
             if not a.path.strip():
                 raise IterisError(f"adapters[{index}].path is empty")
             if a.samples is not None:
-                _positive_int(f"adapters[{index}].samples", a.samples)
+                positive_int(f"adapters[{index}].samples", a.samples)
         policies = ("auto", "per_adapter", "drop")
         if self.modules_to_save not in policies and self.modules_to_save not in names:
             raise IterisError(
@@ -203,7 +203,7 @@ def check_device(device: str) -> None:
             raise IterisError(f"device '{device}' is not available here; use auto, cpu, cuda or cuda:N")
 
 
-def _positive_int(where: str, value) -> None:
+def positive_int(where: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise IterisError(f"{where} must be a positive integer, got {short(value)}")
 

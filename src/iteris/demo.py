@@ -134,7 +134,7 @@ def shipped_assets(samples: int, limit: int) -> dict:
             "limit": limit, "dtype": "float32"}
 
 
-def run_pipeline(assets: dict, out: Path, force: bool, quiet: bool, device: str = "cpu") -> dict:
+def run_pipeline(assets: dict, out: Path, force: bool, quiet: bool, device: str = "cpu", inputs=()) -> dict:
     """Merge with every method, write each merged adapter to out/<method>, score all rows, write results.json."""
     from .evaluate import evaluate, format_table
     from .merge import merge
@@ -148,7 +148,7 @@ def run_pipeline(assets: dict, out: Path, force: bool, quiet: bool, device: str 
         "adapters": [{"name": t["name"], "path": t["adapter"], "data": t["calibration"]} for t in tasks],
         "device": device, "dtype": assets["dtype"], "progress": not quiet,
     }
-    with atomic_directory(out, force) as target:
+    with atomic_directory(out, force, [*inputs, assets["base_model"]]) as target:
         merges = {}
         for method, params in METHODS:
             start = time.perf_counter()
@@ -191,13 +191,16 @@ def run_demo(out: str | None = None, force: bool = False, quiet: bool = False, t
     target = Path(out) if out is not None else Path("iteris-demo")
     # the default folder is the demo's own: a later demo replaces it
     force = force or (out is None and (target / "results.json").is_file())
-    check_output_dir(target, force)  # before the model conversion or any merge
+    from .assets import cache_dir
+
+    shipped = [QUALITY_DIR, cache_dir()]  # what the demo reads: never written over, --force or not
+    check_output_dir(target, force, shipped)  # before the model conversion or any merge
     start = time.perf_counter()
     if tiny:
         with tempfile.TemporaryDirectory(prefix="iteris-demo-") as tmp:
-            summary = run_pipeline(build_assets(Path(tmp)), target, force, quiet)
+            summary = run_pipeline(build_assets(Path(tmp)), target, force, quiet, inputs=shipped)
     else:
-        summary = run_pipeline(shipped_assets(samples, limit), target, force, quiet)
+        summary = run_pipeline(shipped_assets(samples, limit), target, force, quiet, inputs=shipped)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return summary
 

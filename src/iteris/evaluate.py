@@ -30,7 +30,7 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from . import models
-from .config import Dtype, check_device, resolve_path
+from .config import Dtype, check_device, positive_int, resolve_path
 from .data import load_records
 from .errors import IterisError
 from .files import load_yaml
@@ -99,12 +99,12 @@ def load_eval_config(source) -> EvalConfig:
     names = [t.name for t in cfg.tasks] + [m.name for m in cfg.models]
     if len(set(names)) != len(names):
         raise IterisError(f"task and model names must be unique, got {short(names)}")
-    _positive("batch_size", cfg.batch_size)
+    positive_int("batch_size", cfg.batch_size)
     check_device(cfg.device)
     for i, t in enumerate(cfg.tasks):
         if t.limit is not None:
-            _positive(f"tasks[{i}].limit", t.limit)
-        _positive(f"tasks[{i}].max_new_tokens", t.max_new_tokens)
+            positive_int(f"tasks[{i}].limit", t.limit)
+        positive_int(f"tasks[{i}].max_new_tokens", t.max_new_tokens)
     if root is not None:
         cfg.base_model = resolve_path(cfg.base_model, root, "base_model", may_be_hub_id=True)
         cfg.tokenizer = resolve_path(cfg.tokenizer, root, "tokenizer", may_be_hub_id=True)
@@ -114,11 +114,6 @@ def load_eval_config(source) -> EvalConfig:
         for i, m in enumerate(cfg.models):
             m.path = resolve_path(m.path, root, f"models[{i}].path")
     return cfg
-
-
-def _positive(where: str, value: int) -> None:
-    if value < 1:
-        raise IterisError(f"{where} must be a positive integer, got {value}")
 
 
 def infer_metric(records: list[dict], task: str) -> str:

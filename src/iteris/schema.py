@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import reprlib
 import types
 import typing
@@ -191,7 +190,3 @@ def _dataclass_in(hint):
         if found is not None:
             return found
     return None
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
