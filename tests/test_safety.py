@@ -277,13 +277,14 @@ def test_stale_temporaries_of_a_killed_run_are_removed_and_live_ones_kept(projec
     stale = work / f".merged.tmp-{int(dead.stdout)}-abc123"
     stale_old = work / f".merged.old-{int(dead.stdout)}-def456"
     live = work / f".merged.tmp-{os.getppid()}-xyz789"  # (pytest's parent: a process that surely runs)
-    for d in (stale, stale_old, live):
+    unknown = work / ".merged.tmp-k2j4h5g6"  # an older version's name: no process to ask
+    for d in (stale, stale_old, live, unknown):
         d.mkdir()
         (d / "adapter_model.safetensors").write_bytes(b"partial")
     code, _, stderr = run(["merge", proj / "merge.yaml", "--out", work / "merged"], work)
     assert code == 0, stderr
-    assert not stale.exists() and not stale_old.exists() and live.exists()
-    assert f"removed {stale}" in stderr
+    assert not stale.exists() and not stale_old.exists() and live.exists() and unknown.exists()
+    assert f"removed {stale}" in stderr and f"left alone: {unknown}" in stderr
 
 
 def test_ctrl_c_while_starting_is_one_line(project, monkeypatch):

@@ -33,7 +33,7 @@ from . import models
 from .config import Dtype, check_device, positive_int, resolve_path
 from .data import load_records
 from .errors import IterisError
-from .files import load_yaml
+from .files import load_json, load_yaml
 from .schema import build, short
 from .metrics import exact_match, rouge_l
 
@@ -248,7 +248,8 @@ def evaluate(source) -> dict:
     all_paths = [p for ps in paths_of.values() for p in ps]
     task_type = cfg.task_type
     if task_type is None and all_paths:
-        task_type = json.loads((Path(all_paths[0]) / "adapter_config.json").read_text()).get("task_type")
+        found = load_json(Path(all_paths[0]) / "adapter_config.json", "adapter config", constants=True)
+        task_type = found.get("task_type") if isinstance(found, dict) else None
     # Tasks whose heads differ in size (2 labels here, 5 there) each need a base model of their own.
     heads = {path: _heads(path) for path in dict.fromkeys(all_paths)}  # each adapter read once
     groups: dict[tuple, list[str]] = {}

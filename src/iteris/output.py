@@ -87,13 +87,16 @@ def _stale_temporaries(out: Path) -> None:
     temporary whose process still runs (a concurrent merge) is left alone."""
     if not out.parent.is_dir():
         return
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-")
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(?:(\d+)-)?")
     for entry in out.parent.iterdir():
         match = pattern.match(entry.name)
-        if match is None or _alive(int(match.group(2))):
+        if match is None:
             continue
-        shutil.rmtree(entry, ignore_errors=True)
-        log.warning("removed %s, left by an earlier run that was killed", entry)
+        if match.group(2) is None:  # (named by an older version, without its process)
+            log.warning("left alone: %s, a temporary of an earlier run; remove it if no merge is writing there", entry)
+        elif not _alive(int(match.group(2))):
+            shutil.rmtree(entry, ignore_errors=True)
+            log.warning("removed %s, left by an earlier run that was killed", entry)
 
 
 def _alive(pid: int) -> bool:

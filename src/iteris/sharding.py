@@ -10,7 +10,6 @@ the whole model, on the GPU or in CPU memory.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import IterisError
+from .files import load_json
 from .finite import check_parameters
 from .models import auto_class, block_list
 
@@ -43,7 +43,7 @@ def wanted(setting: str, path: str, ranks) -> bool:
 def checkpoint_bytes(path: str) -> int:
     index = Path(path) / "model.safetensors.index.json"
     if index.is_file():
-        return int(json.loads(index.read_text()).get("metadata", {}).get("total_size", 0))
+        return int(load_json(index, "checkpoint index").get("metadata", {}).get("total_size", 0))
     return sum(f.stat().st_size for f in _checkpoint_files(path))
 
 
@@ -52,7 +52,7 @@ def _checkpoint_files(path: str) -> list[Path]:
     root = Path(path)
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        return sorted({root / name for name in json.loads(index.read_text())["weight_map"].values()})
+        return sorted({root / name for name in load_json(index, "checkpoint index")["weight_map"].values()})
     return [root / "model.safetensors"] if (root / "model.safetensors").is_file() else []
 
 

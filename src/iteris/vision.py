@@ -82,7 +82,7 @@ def image_samples(processor, samples, source: str) -> list[ImageSample]:
         try:
             with Image.open(path) as img:
                 image = img.convert("RGB")
-        except OSError as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise IterisError(f"calibration data '{source}': cannot read image '{path}': {exc}") from None
         if tokenizer is None:
             inputs = processor(images=[image], return_tensors="pt")
