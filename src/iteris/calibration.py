@@ -224,6 +224,10 @@ class Calibration:
         each): a NaN is stopped in the stage where it appears, not carried into every later layer."""
 
         def checked(names: list[str], per_task):
+            if self.offload_stats and self.gpus:
+                # statistics in CPU memory were copied there without waiting: the stream the solve runs on
+                # was made to wait for those copies, so once it is idle they are done (later captures are not)
+                torch.cuda.current_stream().synchronize()
             finite.check_statistics(per_task, list(dict.fromkeys(self.group_of[n] for n in names)))
             out = solve(names, per_task)
             finite.check_deltas(out, label)
