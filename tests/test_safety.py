@@ -273,18 +273,80 @@ def test_sigterm_during_the_write_cleans_up_and_exits_143(project, merge_into_ba
 
 def test_stale_temporaries_of_a_killed_run_are_removed_and_live_ones_kept(project):
     proj, work = project
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = work / f".merged.tmp-{int(dead.stdout)}-abc123"
-    stale_old = work / f".merged.old-{int(dead.stdout)}-def456"
-    live = work / f".merged.tmp-{os.getppid()}-xyz789"  # (pytest's parent: a process that surely runs)
+    from iteris.placement import _host
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    here = _host()
+    stale = work / f".merged.tmp-{here}-{dead}-abc123"
+    stale_old = work / f".merged.old-{here}-{dead}-def456"
+    live = work / f".merged.tmp-{here}-{os.getppid()}-xyz789"  # (pytest's parent: a process that surely runs)
+    elsewhere = work / f".merged.tmp-0badc0de-{dead}-abc123"  # another machine's, on a shared file system
     unknown = work / ".merged.tmp-k2j4h5g6"  # an older version's name: no process to ask
-    for d in (stale, stale_old, live, unknown):
+    for d in (stale, stale_old, live, elsewhere, unknown):
         d.mkdir()
         (d / "adapter_model.safetensors").write_bytes(b"partial")
     code, _, stderr = run(["merge", proj / "merge.yaml", "--out", work / "merged"], work)
     assert code == 0, stderr
-    assert not stale.exists() and not stale_old.exists() and live.exists() and unknown.exists()
-    assert f"removed {stale}" in stderr and f"left alone: {unknown}" in stderr
+    assert not stale.exists() and not stale_old.exists()
+    assert live.exists() and unknown.exists() and elsewhere.exists()
+    assert f"removed {stale}" in stderr and f"left alone: {unknown}" in stderr and f"left alone: {elsewhere}" in stderr
+
+
+def test_a_previous_output_moved_aside_by_a_killed_run_is_put_back(project):
+    """Killed between moving the old output aside and moving the new one in: the next run restores it."""
+    from iteris.placement import _host
+
+    proj, work = project
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    aside = work / f".merged.old-{_host()}-{dead}-abc123" / "x"
+    aside.mkdir(parents=True)
+    (aside / "mine.txt").write_text("the previous output")
+    code, _, stderr = run(["merge", proj / "merge.yaml", "--out", work / "merged"], work)
+    assert code == 2 and "not empty" in stderr  # put back first, so it is not replaced without --force
+    assert (work / "merged" / "mine.txt").read_text() == "the previous output"
+    assert not aside.parent.exists()
+
+
+def test_an_interrupted_swap_puts_the_previous_output_back(project, monkeypatch):
+    import iteris.placement as placement
+
+    proj, work = project
+    out = work / "merged"
+    out.mkdir()
+    (out / "mine.txt").write_text("previous")
+    real = os.replace
+    calls = []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new output moving in
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(placement.os, "replace", interrupted)
+    code, _, stderr = run(["merge", proj / "merge.yaml", "--out", out, "--force"], work)
+    assert code == 130
+    assert (out / "mine.txt").read_text() == "previous"
+    no_temporaries(work)
+
+
+def test_links_inside_an_input_are_followed(project):
+    """A hub-cache snapshot: the model directory holds links into a blobs directory elsewhere, which the
+    output may not be, hold or lie in."""
+    proj, work = project
+    blobs = work / "cache" / "blobs"
+    blobs.mkdir(parents=True)
+    snapshot_dir = work / "cache" / "snapshots" / "abc"
+    snapshot_dir.mkdir(parents=True)
+    for f in (proj / "base").iterdir():
+        shutil.move(str(f), blobs / f.name)
+        (snapshot_dir / f.name).symlink_to(Path("../..") / "blobs" / f.name)
+    edit_yaml(proj, lambda d: d.update(base_model=str(snapshot_dir)))
+    for target, word in ((blobs, "holds the input"), (work / "cache", "holds the input"),
+                         (blobs / "model.safetensors", "is the input"), (snapshot_dir / "sub", "inside")):
+        refused(["merge", proj / "merge.yaml", "--out", target, "--force"], work, word, snapshot_of=work / "cache")
 
 
 def test_ctrl_c_while_starting_is_one_line(project, monkeypatch):

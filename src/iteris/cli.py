@@ -60,11 +60,13 @@ def _cmd_eval(args) -> int:
 
     from dataclasses import asdict
 
-    from .output import check_output_dir
+    from .placement import check_output_dir
 
     cfg = load_eval_config(args.config)
     overrides = {key: getattr(args, key) for key in ("device", "dtype") if getattr(args, key)}
+    config_file = cfg.config_file
     cfg = load_eval_config({**asdict(cfg), **overrides, "progress": not args.quiet})
+    cfg.config_file = config_file
     if args.out:
         check_output_dir(args.out, args.force, cfg.inputs())  # before any model loads
     results = evaluate(cfg)

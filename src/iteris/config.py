@@ -136,10 +136,11 @@ class MergeConfig:
     config_file = None
 
     def inputs(self) -> list[str]:
-        """Every path the merge reads, which its output must never touch."""
+        """Every path the merge reads, which its output must never touch (the hub's cache, where a model is
+        named by its hub id)."""
         paths = [self.base_model, self.tokenizer, self.config_file]
         paths += [p for a in self.adapters for p in (a.path, a.data)]
-        return [p for p in paths if p]
+        return [p for p in paths if p] + hub_inputs(self.base_model, self.tokenizer)
 
     def resolve_paths(self, root: Path) -> None:
         """Relative paths in a YAML file are relative to the file, as a user reading it would expect: never to
@@ -150,6 +151,14 @@ class MergeConfig:
         for i, a in enumerate(self.adapters):
             a.path = resolve_path(a.path, root, f"adapters[{i}].path")
             a.data = resolve_path(a.data, root, f"adapters[{i}].data")
+
+
+def hub_inputs(*models: str | None) -> list[str]:
+    from .placement import hub_cache
+
+    remote = [m for m in models if m and not Path(m).exists()]
+    cache = hub_cache() if remote else None
+    return [cache] if cache else []
 
 
 def resolve_path(value: str | None, root: Path, key: str, may_be_hub_id: bool = False) -> str | None:

@@ -138,7 +138,7 @@ def run_pipeline(assets: dict, out: Path, force: bool, quiet: bool, device: str 
     """Merge with every method, write each merged adapter to out/<method>, score all rows, write results.json."""
     from .evaluate import evaluate, format_table
     from .merge import merge
-    from .output import atomic_directory
+    from .placement import atomic_directory
 
     tasks = assets["tasks"]
     config = {
@@ -184,7 +184,7 @@ def run_demo(out: str | None = None, force: bool = False, quiet: bool = False, t
 
     from transformers.utils import logging as hf_logging
 
-    from .output import check_output_dir
+    from .placement import check_output_dir
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
     hf_logging.disable_progress_bar()

@@ -380,7 +380,8 @@ class PipelineMergeResult:
         return self.report.get("summary", "")
 
     def save(self, out: str | Path, force: bool = False) -> Path:
-        from .output import atomic_directory, write_report
+        from .output import write_report
+        from .placement import atomic_directory
 
         start = time.perf_counter()
         with atomic_directory(out, force, self.config.inputs()) as tmp:
@@ -432,7 +433,7 @@ def merge_pipeline(cfg: MergeConfig, spec, params, out=None, force: bool = False
     from .calibration import Calibration
     from .capture import DeltaInjector
     from .methods import MergeContext
-    from .output import check_output_dir
+    from .placement import check_output_dir
 
     t0 = time.perf_counter()
     if cfg.merge_into_base:

@@ -30,7 +30,7 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from . import models
-from .config import Dtype, check_device, positive_int, resolve_path
+from .config import Dtype, check_device, hub_inputs, positive_int, resolve_path
 from .data import load_records
 from .errors import IterisError
 from .files import load_json, load_yaml
@@ -71,14 +71,18 @@ class EvalConfig:
     include_base: bool = True  # the "base" row (the model without any adapter)
     trust_remote_code: bool = False  # run code shipped with the model (its config's auto_map)
 
+    config_file = None  # the YAML it was read from (not a key of it): an input like the others
+
     def inputs(self) -> list[str]:
-        paths = [self.base_model, self.tokenizer] + [p for t in self.tasks for p in (t.data, t.adapter)]
-        return [p for p in paths + [m.path for m in self.models] if p]
+        paths = [self.base_model, self.tokenizer, self.config_file] + [p for t in self.tasks for p in (t.data, t.adapter)]
+        return [p for p in paths + [m.path for m in self.models] if p] + hub_inputs(self.base_model, self.tokenizer)
 
 
 def load_eval_config(source) -> EvalConfig:
     """Through the same typed path as the merge config; relative paths in a YAML are relative to it."""
+    config_file = None
     if isinstance(source, EvalConfig):
+        config_file = source.config_file
         source = asdict(source)
     root = None
     if not isinstance(source, dict):
@@ -89,6 +93,7 @@ def load_eval_config(source) -> EvalConfig:
             raise IterisError(f"eval config '{path}' not found")
         source = load_yaml(path, "eval config")
         root = path.resolve().parent
+        config_file = str(path)
     if not isinstance(source, dict) or "base_model" not in source or "tasks" not in source:
         raise IterisError("an eval config needs base_model and tasks (see `iteris eval --help`)")
     if source.get("models") is None:
@@ -113,6 +118,7 @@ def load_eval_config(source) -> EvalConfig:
             t.adapter = resolve_path(t.adapter, root, f"tasks[{i}].adapter")
         for i, m in enumerate(cfg.models):
             m.path = resolve_path(m.path, root, f"models[{i}].path")
+    cfg.config_file = config_file
     return cfg
 
 
@@ -321,7 +327,7 @@ def _scored(row: str, task: str, run) -> float:
 
 def write_results(results: dict, out: str | Path, force: bool = False, inputs=()) -> None:
     """results.json and results.md, written atomically; an existing non-empty ``out`` only with ``force``."""
-    from .output import atomic_directory
+    from .placement import atomic_directory
 
     with atomic_directory(out, force, inputs) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str, allow_nan=False) + "\n")

@@ -22,7 +22,8 @@ from .finite import check_deltas
 log = logging.getLogger("iteris")
 from .schema import build
 from .methods import MergeContext, get_method
-from .output import atomic_directory, check_output_dir, write_adapter, write_merged_model, write_report
+from .output import write_adapter, write_merged_model, write_report
+from .placement import atomic_directory, check_output_dir
 
 
 @dataclass

@@ -1,16 +1,9 @@
-"""Write merged LoRAs as PEFT adapter directories (or full models), atomically."""
+"""Write merged LoRAs as PEFT adapter directories (or full models); ``placement`` decides where, atomically."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import os
-import re
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -18,120 +11,6 @@ import torch
 from .adapters import PREFIX, LoraAdapter
 from .deltas import LowRankDelta
 from .errors import IterisError
-
-log = logging.getLogger("iteris")
-
-
-def check_output_dir(out: str | Path | None, force: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Where a merge may write, decided before any work starts: never an input, a directory holding one or
-    inside one, the working directory, home or ``/`` (symlinks resolved), never a non-empty directory
-    without ``force``, and only somewhere this process can create files."""
-    if out is None or not str(out).strip():
-        raise IterisError("the output directory is empty; name a new directory with --out")
-    out = Path(out)
-    target = out.resolve()
-    here = Path.cwd().resolve()
-    for special, what in ((Path(target.anchor), "the file system's root"), (Path.home().resolve(), "your home directory"),
-                          (here, "the working directory")):
-        if target == special or target in special.parents:
-            raise IterisError(f"output '{out}' is {what}{'' if target == special else ' or holds it'}; "
-                              "write to a new directory such as ./merged")
-    for source in inputs:
-        if source is None or not str(source).strip() or not Path(source).exists():
-            continue  # (a hub id, or missing: reported where it is read)
-        held = Path(source).resolve()
-        if target == held or target in held.parents:
-            raise IterisError(f"output '{out}' {'is' if target == held else 'holds'} the input '{source}'; "
-                              "a merge never writes over what it reads: choose another --out")
-        if held in target.parents:
-            raise IterisError(f"output '{out}' lies inside the input '{source}'; choose an --out outside every input")
-    if out.exists() and not out.is_dir():
-        raise IterisError(f"output '{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise IterisError(f"output directory '{out}' is not empty; pass --force (force=True) to replace it")
-    _probe_writable(out, target)
-    return out
-
-
-def _probe_writable(out: Path, target: Path) -> None:
-    """Create and remove a directory where the output's temporary will go (its nearest existing parent)."""
-    where = target.parent
-    while not where.exists():
-        where = where.parent
-    if not where.is_dir():
-        raise IterisError(f"output '{out}' cannot be created: '{where}' is a file")
-    try:
-        probe = tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=where)
-        os.rmdir(probe)
-    except OSError as exc:
-        raise IterisError(f"output '{out}' cannot be written: {exc.strerror or exc} in '{where}'") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _follow_umask(root: Path) -> None:
-    """Files and directories as readable as the umask allows (a temporary directory starts 0700, and some
-    writers create 0600 files), as save_pretrained leaves them."""
-    mask = _umask()
-    for path in [root, *root.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def _stale_temporaries(out: Path) -> None:
-    """Remove what an earlier run into the same output left when it was killed (its process is gone); a
-    temporary whose process still runs (a concurrent merge) is left alone."""
-    if not out.parent.is_dir():
-        return
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(?:(\d+)-)?")
-    for entry in out.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match is None:
-            continue
-        if match.group(2) is None:  # (named by an older version, without its process)
-            log.warning("left alone: %s, a temporary of an earlier run; remove it if no merge is writing there", entry)
-        elif not _alive(int(match.group(2))):
-            shutil.rmtree(entry, ignore_errors=True)
-            log.warning("removed %s, left by an earlier run that was killed", entry)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | Path, force: bool, inputs: Iterable[str | Path | None] = ()):
-    """Yield a temporary sibling directory; it replaces ``out`` only if the block succeeds."""
-    out = check_output_dir(out, force, inputs).resolve()
-    _stale_temporaries(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag}", dir=out.parent))
-    try:
-        yield tmp
-        _follow_umask(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{tag}", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def adapter_state_dict(deltas: dict[str, LowRankDelta], extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
