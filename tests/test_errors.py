@@ -399,7 +399,7 @@ def test_failed_save_leaves_nothing(llama, tmp_path, monkeypatch, breaker):
     base, adapters = llama
     out = tmp_path / "nested" / "out"
     breaker(monkeypatch)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(IterisError, match="cannot write the output .*simulated"):
         iteris.merge(_cfg(base, adapters), out=out)
     assert not out.exists()
     assert _siblings(out) == []
@@ -414,7 +414,7 @@ def test_failed_save_with_force_keeps_old_contents(llama, tmp_path, monkeypatch,
     (out / "sub").mkdir()
     (out / "sub" / "deep.txt").write_text("deep")
     breaker(monkeypatch)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(IterisError, match="cannot write the output .*simulated"):
         iteris.merge(_cfg(base, adapters), out=out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["old.txt", "sub"]
     assert (out / "old.txt").read_text() == "old" and (out / "sub" / "deep.txt").read_text() == "deep"
@@ -426,7 +426,7 @@ def test_failed_save_via_result_save(llama, tmp_path, monkeypatch):
     result = iteris.merge(_cfg(base, adapters))
     _fail_in_write_report(monkeypatch)
     out = tmp_path / "out"
-    with pytest.raises(OSError):
+    with pytest.raises(IterisError, match="cannot write the output"):
         result.save(out)
     assert not out.exists() and _siblings(out) == []
     monkeypatch.undo()

@@ -11,12 +11,14 @@ any temporary are checked to be absent.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -199,7 +201,7 @@ def _can_create(where: str) -> bool:
 
 def test_unwritable_output_is_refused_before_any_model_loads(project, monkeypatch):
     proj, work = project
-    models = __import__("iteris.models", fromlist=["x"])
+    models = importlib.import_module("iteris.models")
     monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
     write_yaml(proj, method="iteris", parameters="{iterations: 1}")
     locked = _unwritable_dir(work)
@@ -355,7 +357,7 @@ def test_ctrl_c_while_starting_is_one_line(project, monkeypatch):
                           capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.stdout.strip() == "False", proc.stderr
     proj, work = project
-    merge_module = __import__("iteris.merge", fromlist=["x"])
+    merge_module = importlib.import_module("iteris.merge")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -473,7 +475,7 @@ def test_a_sample_whose_activations_overflow_is_named(project, monkeypatch):
         (proj / "data" / "d1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         unique = [t for t in tok(records[0]["text"])["input_ids"] if t not in others]
     poison = unique[0]
-    models = sys.modules["iteris.models"]
+    models = importlib.import_module("iteris.models")
     real = models.load_base_model
 
     def load_with_overflow(*args, **kwargs):
@@ -547,8 +549,8 @@ def test_non_finite_saved_modules_are_refused(project):
 def test_a_solve_that_is_not_finite_stops_the_merge(project, monkeypatch):
     proj, work = project
     write_yaml(proj, method="iteris", parameters="{iterations: 2}")
-    solve = sys.modules["iteris.solve"]
-    method = sys.modules["iteris.methods.iteris"]
+    solve = importlib.import_module("iteris.solve")
+    method = importlib.import_module("iteris.methods.iteris")
     real = solve.iteris_solve_many
 
     def broken(*args, **kwargs):  # (a singular system that slipped through: its answer is NaN)
@@ -643,7 +645,7 @@ def test_a_pickled_adapter_with_a_payload_is_refused_before_the_model_loads(proj
     tensors = load_file(str(a0 / "adapter_model.safetensors"))
     (a0 / "adapter_model.safetensors").unlink()
     _pickle_with_payload(a0 / "adapter_model.bin", marker, tensors)
-    models = sys.modules["iteris.models"]
+    models = importlib.import_module("iteris.models")
     monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
     write_yaml(proj, method="iteris", parameters="{iterations: 1}")
     line = refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, "adapter_model.bin", "run code",
@@ -668,7 +670,7 @@ def test_a_pickled_base_with_a_payload_is_refused_before_merging_into_it(project
     tensors = load_file(str(base / "model.safetensors"))
     (base / "model.safetensors").unlink()
     _pickle_with_payload(base / "pytorch_model.bin", marker, tensors)
-    merge_module = sys.modules["iteris.merge"]
+    merge_module = importlib.import_module("iteris.merge")
     monkeypatch.setattr(merge_module, "run_method", lambda *a, **k: pytest.fail("the merge ran"))
     refused(["merge", proj / "merge.yaml", "--out", work / "m", "--merge-into-base"], work, "pytorch_model.bin",
             "run code", snapshot_of=proj)
@@ -760,7 +762,7 @@ def test_bad_data_files_are_one_line_before_the_model_loads(project, monkeypatch
     proj, work = project
     (proj / "data" / name).write_bytes(content)
     edit_yaml(proj, lambda d: (d["adapters"][1].update(data=f"data/{name}"), d.update(method="iteris")))
-    models = sys.modules["iteris.models"]
+    models = importlib.import_module("iteris.models")
     monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
     refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, *words, snapshot_of=proj)
 
@@ -874,3 +876,127 @@ def test_merge_loaded_checks_weights_and_lists(project, load_tiny):
             merge_loaded(model, adapters, samples, **kwargs)
     with pytest.raises(IterisError, match="sample lists for 2 adapters"):
         merge_loaded(model, adapters, samples[:1])
+
+
+def test_lopsided_factors_are_blamed_on_the_adapter_not_the_data(project):
+    """A with entries near float32's largest and B tiny: their product is moderate, but x A^T overflows; the
+    base model alone is fine on the same record, so the adapter is named, not the data."""
+    proj, work = project
+
+    def lopsided(t):
+        for key in t:
+            t[key] = t[key] * (2.5e38 if "lora_A" in key else 4e-39)
+
+    _edit_tensors(proj / "adapters" / "a1", lopsided)
+    write_yaml(proj, method="iteris", parameters="{iterations: 1}")
+    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, "adapter 'second''s lora_A", "check its factors")
+
+
+def test_eval_never_writes_over_its_own_config(project):
+    proj, work = project
+    cfg_dir = work / "cfg"
+    cfg_dir.mkdir()
+    yaml_path = _eval_yaml(proj)
+    moved = cfg_dir / "eval.yaml"
+    data = yaml.safe_load(yaml_path.read_text())
+    data["base_model"] = str(proj / "base")
+    data["tasks"][0].update(data=str(proj / "data" / "d0.jsonl"), adapter=str(proj / "adapters" / "a0"))
+    moved.write_text(yaml.safe_dump(data))
+    refused(["eval", moved, "--out", cfg_dir, "--force"], work, "holds the input", snapshot_of=cfg_dir)
+
+
+@pytest.mark.parametrize("record,words", [
+    ({"prompt": "a", "choices": ["x", "y"], "answer": "first"}, ["record 1", "'answer' must be an index"]),
+    ({"prompt": "a", "choices": ["x", "y"], "answer": 2}, ["not an index of its 2 choices"]),
+    ({"prompt": "a", "choices": [], "answer": 0}, ["'choices' must be a non-empty list"]),
+    ({"text": "a", "label": True}, ["'label' must be an index"]),
+])
+def test_eval_records_are_checked_before_any_model_loads(project, monkeypatch, record, words):
+    proj, work = project
+    (proj / "data" / "task.jsonl").write_text(json.dumps(record) + "\n")
+    models = importlib.import_module("iteris.models")
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    metric = "accuracy" if "label" in record else "mc_accuracy"
+    path = _eval_yaml(proj, tasks=[{"name": "t", "data": "data/task.jsonl", "metric": metric}])
+    refused(["eval", path], work, *words)
+
+
+def test_perplexity_of_texts_too_short_to_score_is_one_line(project):
+    proj, work = project
+    (proj / "data" / "short.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    refused(["eval", _eval_yaml(proj, tasks=[{"name": "t", "data": "data/short.jsonl", "metric": "perplexity"}]),
+             "--quiet"], work, "at least two tokens")
+
+
+def test_generation_from_non_finite_logits_is_refused(load_tiny):
+    """Greedy decoding would quietly turn NaN logits into a token (and exact match into a score of 0)."""
+    from iteris.finite import NonFiniteOutputs
+    from iteris.models import TokenSample, class_predictions, greedy_continuations
+
+    model, tok = load_tiny("llama")
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputs):
+        greedy_continuations(model, [TokenSample(input_ids=[1, 5, 6])], tok, 3, 1, "cpu")
+    with pytest.raises(NonFiniteOutputs):
+        class_predictions(model, [[1, 5, 6]], tok.pad_token_id, 1, "cpu")
+
+
+def test_a_non_text_target_column_is_ignored_by_decoder_models(project):
+    """A label column named 'target' is read only by encoder-decoders (as the decoder's text)."""
+    proj, work = project
+    lines = [json.loads(line) for line in (proj / "data" / "d1.jsonl").read_text().splitlines()]
+    (proj / "data" / "d1.jsonl").write_text("".join(json.dumps({**r, "target": 3}) + "\n" for r in lines))
+    write_yaml(proj, method="regmean")
+    code, _, stderr = run(["merge", proj / "merge.yaml", "--out", work / "m"], work)
+    assert code == 0, stderr
+
+
+def test_yaml_merge_keys_and_words_that_yaml_1_1_called_booleans(project):
+    """A merge key's values may be overridden (as YAML says); on/off/yes/no are words (YAML 1.2)."""
+    from iteris.config import load_config
+
+    proj, _ = project
+    (proj / "merge.yaml").write_text(textwrap.dedent("""\
+        base_model: base
+        method: regmean
+        calibration: {overlap: off, samples: 4}
+        adapters:
+          - &first {name: first, path: adapters/a0, data: data/d0.jsonl, weight: 1.0}
+          - <<: *first
+            name: second
+            path: adapters/a1
+        """))
+    cfg = load_config(proj / "merge.yaml")
+    assert cfg.calibration.overlap == "off"
+    assert [(a.name, Path(a.path).name, a.weight) for a in cfg.adapters] == [("first", "a0", 1.0), ("second", "a1", 1.0)]
+    edit_yaml(proj, lambda d: d["calibration"].update(offload_states="yes"))
+    with pytest.raises(IterisError, match="true or false"):
+        load_config(proj / "merge.yaml")
+
+
+@pytest.mark.parametrize("change,word", [({"task_type": ["CAUSAL_LM"]}, "task_type must be text"),
+                                         ({"fan_in_fan_out": "no"}, "fan_in_fan_out must be true or false"),
+                                         ({"base_model_name_or_path": {"a": 1}}, "base_model_name_or_path")])
+def test_adapter_config_fields_are_typed(project, change, word):
+    proj, work = project
+    path = proj / "adapters" / "a0" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, word)
+
+
+@pytest.mark.parametrize("names,word", [(["merge_report.json", "b"], "name of a file the output holds"),
+                                        (["Alpha", "alpha"], "unique (ignoring case)")])
+def test_adapter_names_that_would_collide_in_the_output_are_refused(project, names, word):
+    proj, work = project
+    edit_yaml(proj, lambda d: [a.update(name=n) for a, n in zip(d["adapters"], names)])
+    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, word)
+
+
+def test_a_pickle_beside_a_safetensors_file_is_checked_too(project):
+    proj, work = project
+    marker = work / "ran"
+    _pickle_with_payload(proj / "base" / "pytorch_model.bin", marker, {"x": torch.zeros(1)})
+    write_yaml(proj, method="iteris", parameters="{iterations: 1}")
+    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, "pytorch_model.bin", "run code")
+    assert not marker.exists()

@@ -90,6 +90,12 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_config(name: str, directory: Path, cfg: dict) -> None:
+    for key in ("peft_type", "task_type", "base_model_name_or_path"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise IterisError(f"adapter '{name}' ({directory}): {key} must be text, got {short(cfg[key])}")
+    for key in ("fan_in_fan_out", "use_dora", "lora_bias", "use_rslora"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise IterisError(f"adapter '{name}' ({directory}): {key} must be true or false, got {short(cfg[key])}")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise IterisError(f"adapter '{name}' ({directory}) is a {peft_type} adapter; only LoRA adapters can be merged")

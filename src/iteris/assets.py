@@ -48,7 +48,8 @@ def smollm2_dir() -> Path:
 
     # A GGUF-loaded model cannot save_pretrained: rebuild it from its config without the quantization
     # settings, carry the dequantised weights over, and save that.
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     config = copy.deepcopy(loaded.config)  # not read from the file again: each GGUF read takes seconds
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -56,7 +57,7 @@ def smollm2_dir() -> Path:
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), assign=True)
     plain.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:

@@ -238,20 +238,30 @@ class Calibration:
     def _explain(self, exc: finite.NonFiniteStatistics, label: str) -> str:
         task = self.task_names[exc.task]
         found = self._non_finite_sample(exc.task, exc.group)
-        culprit = ""
-        if found is not None:
-            sample, variant = found
-            origin = getattr(sample, "origin", None) or "one of its samples"
-            culprit = f"; {origin} gives them in {'its own' if variant.startswith('own') else 'the merged'} model"
+        culprit, advice = "", ("Check that sample, the base model's weights (an embedding row), or the dtype "
+                               "(activations that overflow in float16: use dtype: float32 or bfloat16)")
+        if found == ():
+            culprit = ", though every sample's inputs there are finite"
+            advice = (f"What overflows are the statistics that multiply them by adapter '{task}''s lora_A: check its "
+                      "factors (factors of very different sizes overflow even when their product is moderate)")
+        elif found is not None:
+            sample, variant, in_base = found
+            model = "its own" if variant.startswith("own") else "the merged"
+            culprit = f"; {getattr(sample, 'origin', None) or 'one of its samples'} gives them in {model} model"
+            if in_base:
+                culprit += " but not in the base model"
+                advice = (f"adapter '{task}''s update overflows there: check its lora_A and lora_B (factors of very "
+                          "different sizes overflow even when their product is moderate)" if variant.startswith("own")
+                          else "the merged update overflows there: raise alpha1/alpha2")
         return (
             f"{label}: the inputs of layer '{exc.group}' are not finite (NaN or Inf) on adapter '{task}''s calibration "
-            f"data{culprit}. Check that sample, the base model's weights (an embedding row), or the dtype "
-            "(activations that overflow in float16: use dtype: float32 or bfloat16)"
+            f"data{culprit}. {advice}"
         )
 
     def _non_finite_sample(self, task: int, group: str):
         """Error path only: the first of a task's samples whose input to ``group`` is not finite, run alone
-        through the adapter's own model, then the merged one (None where that cannot be run here)."""
+        through the adapter's own model, then the merged one, and whether the base model alone gives it finite
+        inputs there; () if every sample's inputs are finite; None where this cannot be run here."""
         if self.ranks is not None or self.sharded:
             return None
         seen: list[bool] = []
@@ -260,24 +270,26 @@ class Calibration:
             seen.append(bool(torch.isfinite(args[0]).all()))
             raise StopForward
 
+        def finite_in(variant, overrides, sample) -> bool:
+            seen.clear()
+            with self.injector.use(variant, overrides):
+                try:
+                    run_forward(self.model, make_batch([sample], self.pad_id, self.device), merged=variant == "merged")
+                except StopForward:
+                    pass
+            return not seen or seen[0]
+
         handle = self.layers[group].register_forward_pre_hook(hook)
         try:
             for variant, overrides in ((f"own:{task}", self._own_overrides[task]), ("merged", self.merged_overrides[task])):
                 if variant not in self.injector.variants:
                     continue
                 for sample in self.task_samples[task]:
-                    seen.clear()
-                    with self.injector.use(variant, overrides):
-                        try:
-                            run_forward(self.model, make_batch([sample], self.pad_id, self.device),
-                                        merged=variant == "merged")
-                        except StopForward:
-                            pass
-                    if seen and not seen[0]:
-                        return sample, variant
+                    if not finite_in(variant, overrides, sample):
+                        return sample, variant, finite_in(None, {}, sample)
         finally:
             handle.remove()
-        return None
+        return ()
 
     def _assign(self, stage: list[LayerGroup]) -> None:
         """Several processes: which rank solves (and so receives the statistics of) each group of a stage,

@@ -118,8 +118,8 @@ class MergeConfig:
         if not self.adapters:
             raise IterisError("'adapters' must list at least one {name, path, data, weight} entry")
         names = [a.name for a in self.adapters]
-        if len(set(names)) != len(names):
-            raise IterisError(f"adapter names must be unique, got {short(names)}")
+        if len({n.lower() for n in names}) != len(names):  # (they name directories: unique on any file system)
+            raise IterisError(f"adapter names must be unique (ignoring case), got {short(names)}")
         for index, a in enumerate(self.adapters):
             check_name(a.name, f"adapters[{index}].name")
             if not a.path.strip():
@@ -187,6 +187,13 @@ def check_name(name: str, where: str) -> None:
             f"{where} {short(name)} is not a plain name: use letters, digits, '-', '_' and '.', not starting with "
             "'.', at most 100 characters (it names a directory of the output)"
         )
+    if name.lower() in _WRITTEN:
+        raise IterisError(f"{where} {name!r} is the name of a file the output holds; choose another name")
+
+
+# files written into an output, which an adapter's sub-directory may not be named after
+_WRITTEN = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "merge_report.json", "readme.md",
+            "pytorch_lora_weights.safetensors", "config.json", "model.safetensors", "results.json", "results.md"}
 
 
 def check_device(device: str) -> None:
@@ -229,9 +236,10 @@ def parse_config(data: dict, root: Path | None = None) -> MergeConfig:
     if not isinstance(adapters, list) or not adapters:
         raise IterisError("'adapters' must be a list of {name, path, data, weight} entries")
     named = []
-    for entry in adapters:
+    for index, entry in enumerate(adapters):
         if isinstance(entry, dict) and "name" not in entry and isinstance(entry.get("path"), str):
             entry = {"name": Path(entry["path"]).name, **entry}
+            check_name(entry["name"], f"adapters[{index}].name (taken from its path; set name: to choose another)")
         named.append(entry)
     if data.get("calibration") is None:
         data.pop("calibration", None)

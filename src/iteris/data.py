@@ -104,7 +104,8 @@ def select_samples(
                 f"calibration data '{source}' has no field '{name}'; its fields are {columns}. "
                 "Set calibration.field (or prompt_field/response_field) to one of them"
             )
-    optional = [spec.response_field] if use_pair else [spec.target_field] if spec.target_field else []
+    # (a target is text only where an encoder-decoder reads it: tokenize_samples checks it there)
+    optional = [spec.response_field] if use_pair else []
     _check_values(records, source, required=[spec.prompt_field] if use_pair else [text_field], optional=optional)
     order = list(range(len(records)))
     random.Random(spec.seed).shuffle(order)
@@ -123,7 +124,7 @@ def select_samples(
             if not _usable(text):
                 continue
             target = rec.get(spec.target_field) if spec.target_field else None
-            sample = TextSample(text=str(text), target=str(target) if _usable(target) else None,
+            sample = TextSample(text=str(text), target=target if _usable(target) else None,
                                 origin=_origin(index, source))
         out.append(sample)
         if len(out) == (samples or spec.samples):

@@ -34,6 +34,7 @@ from .config import Dtype, check_device, hub_inputs, positive_int, resolve_path
 from .data import load_records
 from .errors import IterisError
 from .files import load_json, load_yaml
+from .finite import NonFiniteOutputs
 from .schema import build, short
 from .metrics import exact_match, rouge_l
 
@@ -138,6 +139,37 @@ def infer_metric(records: list[dict], task: str) -> str:
     )
 
 
+# the fields each metric reads, and what each must hold
+_FIELDS = {
+    "mc_accuracy": {"prompt": "text", "choices": "choices", "answer": "index"},
+    "accuracy": {"text": "text", "label": "index"},
+    "exact_match": {"prompt": "text", "answer": "scalar"},
+    "rouge_l": {"prompt": "text", "answer": "scalar"},
+    "perplexity": {"text": "text"},
+}
+
+
+def check_records(records: list[dict], metric: str, task: str) -> None:
+    """Each record holds what its metric reads, of the right kind, so scoring cannot stop half-way."""
+    for number, r in enumerate(records, start=1):
+        for name, kind in _FIELDS[metric].items():
+            value = r.get(name)
+            ok = {
+                "text": isinstance(value, str),
+                "choices": isinstance(value, list) and value and all(isinstance(c, str) for c in value),
+                "index": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                "scalar": isinstance(value, (str, int, float)) and not isinstance(value, bool),
+            }[kind]
+            if not ok:
+                wanted = {"text": "text", "choices": "a non-empty list of texts", "index": "an index (integer >= 0)",
+                          "scalar": "a text or number"}[kind]
+                raise IterisError(f"task '{task}', record {number}: '{name}' must be {wanted} for {metric}, got "
+                                  f"{short(value) if name in r else 'nothing'}")
+        if metric == "mc_accuracy" and r["answer"] >= len(r["choices"]):
+            raise IterisError(f"task '{task}', record {number}: answer {r['answer']} is not an index of its "
+                              f"{len(r['choices'])} choices")
+
+
 def score(model, tokenizer, records: list[dict], metric: str, max_new_tokens: int, batch_size: int, device: str) -> float:
     """One model's score on one task's records."""
     pad = tokenizer.pad_token_id
@@ -176,20 +208,21 @@ def score(model, tokenizer, records: list[dict], metric: str, max_new_tokens: in
             ids = encode(r["text"])
             if len(ids) > 1:
                 pairs.append((ids[:1], ids[1:]))
+        if not pairs:
+            raise IterisError("perplexity needs texts of at least two tokens; every text here has fewer")
         logps = _finite(models.continuation_logprobs(model, pairs, pad, batch_size, device))
         tokens = sum(len(t) for _, t in pairs)
-        return math.exp(-sum(logps) / tokens)
+        mean = -sum(logps) / tokens
+        if mean > 700:  # (exp overflows a float: the model assigns these texts no probability to speak of)
+            raise NonFiniteOutputs
+        return math.exp(mean)
     raise IterisError(f"unknown metric '{metric}'")
 
 
 def _finite(logps: list[float]) -> list[float]:
     if not all(math.isfinite(x) for x in logps):
-        raise NonFiniteScores("the model's log-probabilities are not finite (NaN or Inf)")
+        raise NonFiniteOutputs
     return logps
-
-
-class NonFiniteScores(IterisError):
-    """A model gives non-finite outputs; ``evaluate`` names the row and task."""
 
 
 def normalized(value: float, reference: float, metric: str) -> float:
@@ -239,6 +272,7 @@ def evaluate(source) -> dict:
             raise IterisError(f"task '{t.name}': '{t.data}' holds no records")
         records[t.name] = recs[: t.limit] if t.limit else recs
         metrics[t.name] = t.metric or infer_metric(records[t.name], t.name)
+        check_records(records[t.name], metrics[t.name], t.name)  # every record, before any model loads
     plan: dict[str, dict[str, str | None]] = {"base": {t.name: None for t in cfg.tasks}} if cfg.include_base else {}
     if all(t.adapter for t in cfg.tasks):
         plan["individual"] = {t.name: t.adapter for t in cfg.tasks}
@@ -320,7 +354,7 @@ def text_table(header: list[str], body: list[list[str]], markdown: bool = False)
 def _scored(row: str, task: str, run) -> float:
     try:
         return run()
-    except NonFiniteScores as exc:
+    except NonFiniteOutputs as exc:
         raise IterisError(f"row '{row}', task '{task}': {exc}; its weights or its dtype (float16 overflow) are at "
                           "fault, so no score is reported") from None
 

@@ -41,7 +41,10 @@ def decode(raw: bytes, where: str) -> str:
 # far below what an alias bomb (a few lines that expand to billions of nodes) would build
 MAX_YAML_NODES = 100_000
 
-# YAML 1.1 reads 1e-7 (no dot) as a string; YAML 1.2, and every person, reads a number
+# Scalars as YAML 1.2 reads them: YAML 1.1 (PyYAML's default) reads 1e-7 (no dot) as a string, on/off/yes/no
+# as booleans (so `overlap: on` would not be the word on), 012 as octal and 1:30 as 90
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$")
 _FLOAT = re.compile(
     r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
     |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
@@ -60,9 +63,10 @@ class _StrictLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)
-            seen = {}
+            seen = {}  # (keys written out; those a merge key '<<' brings in may be overridden, as YAML says)
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 try:
                     hash(key)
@@ -77,12 +81,14 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_StrictLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-for _first in list("-+.0123456789"):
-    _StrictLoader.yaml_implicit_resolvers[_first] = [
-        (tag, rx) for tag, rx in _StrictLoader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
-    ]
-    _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, [_first])
+_REPLACED = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _REPLACED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789"))
 
 
 def _check_size(root) -> None:

@@ -25,8 +25,10 @@ def require_finite(t: torch.Tensor, what: str, fix: str = "") -> None:
 
 
 def all_finite(tensors) -> bool:
-    """One host sync for many tensors (on the GPU, one per device)."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None and t.is_floating_point()]
+    """One host sync for many tensors (on the GPU, one per device). Through each tensor's smallest and
+    largest entry, which are NaN or infinite where any entry is: no tensor of flags as large as the tensor."""
+    flags = [torch.isfinite(torch.stack(torch.aminmax(t))).all() for t in tensors
+             if t is not None and t.is_floating_point() and t.numel()]
     if not flags:
         return True
     by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -51,9 +53,11 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else p
 
 
-def check_deltas(deltas: dict, when: str) -> None:
-    """Every factor (or dense update) of a set of merged layers finite."""
-    tensors = {name: [t for t in vars(d).values() if isinstance(t, torch.Tensor)] for name, d in deltas.items()}
+def check_deltas(deltas: dict, when: str, written_as: torch.dtype | None = None) -> None:
+    """Every factor (or dense update) of a set of merged layers finite (``written_as``: also once cast to the
+    dtype they are written in, where a float64 number beyond float32's range would become Inf)."""
+    cast = (lambda t: t.to(written_as)) if written_as is not None else (lambda t: t)
+    tensors = {name: [cast(t) for t in vars(d).values() if isinstance(t, torch.Tensor)] for name, d in deltas.items()}
     if all_finite(t for ts in tensors.values() for t in ts):
         return
     bad = sorted(name for name, ts in tensors.items() if not all_finite(ts))
@@ -77,6 +81,30 @@ def statistics_tensors(st) -> list[torch.Tensor]:
     out += list(st.proj.values()) + list(st.own_proj.values())
     out += [torch.tensor(v, dtype=torch.float64) for v in st.out_sq.values()]
     return out
+
+
+class NonFiniteOutputs(IterisError):
+    """A model's outputs (logits) are not finite; the caller names the model and the data."""
+
+    def __init__(self):
+        super().__init__("the model's outputs are not finite (NaN or Inf)")
+
+
+class FiniteWatch:
+    """A generation logits processor that notes, without a host sync per step, whether any logits were not
+    finite (greedy decoding would otherwise turn them into a token quietly)."""
+
+    def __init__(self):
+        self.bad: torch.Tensor | None = None
+
+    def __call__(self, input_ids, scores):
+        flag = ~torch.isfinite(scores).all()
+        self.bad = flag if self.bad is None else self.bad | flag
+        return scores
+
+    def check(self) -> None:
+        if self.bad is not None and bool(self.bad):
+            raise NonFiniteOutputs
 
 
 class NonFiniteStatistics(IterisError):

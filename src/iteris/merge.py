@@ -17,7 +17,7 @@ from .data import load_records, select_samples
 from .models import TokenSample
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
-from .finite import check_deltas
+from .finite import NonFiniteOutputs, check_deltas
 
 log = logging.getLogger("iteris")
 from .schema import build
@@ -45,7 +45,7 @@ class MergeResult:
         """Write the adapter(s) and merge_report.json; nothing is left behind if this fails."""
         start = time.perf_counter()
         cfg = self.config
-        check_deltas(self.deltas, "the merged adapter")
+        check_deltas(self.deltas, "the merged adapter", written_as=torch.float32)
         with atomic_directory(out, force, cfg.inputs()) as tmp:
             for sub, extras in self.heads.items():
                 target = tmp / sub if sub else tmp
@@ -182,10 +182,14 @@ def _prepare_calibration(cfg: MergeConfig, adapters: list[LoraAdapter], targets:
             if images:
                 continue
             with injector.use(f"own:{i}", own[i]):  # what each adapter's own model writes, where it must
-                samples[i] = models.complete_samples(
-                    model, tokenizer, samples[i], cfg.calibration.generate, cfg.calibration.max_new_tokens,
-                    cfg.calibration.batch_size, device,
-                )
+                try:
+                    samples[i] = models.complete_samples(
+                        model, tokenizer, samples[i], cfg.calibration.generate, cfg.calibration.max_new_tokens,
+                        cfg.calibration.batch_size, device,
+                    )
+                except NonFiniteOutputs as exc:
+                    raise IterisError(f"adapter '{adapter.name}': generating its calibration targets, {exc}; check "
+                                      "the adapter and the dtype (float16 overflow)") from None
         calib = Calibration(
             model, layers, injector, samples, [s.name for s in cfg.adapters], pad_id,
             cfg.calibration.batch_size, getattr(torch, stats_dtype), cfg.progress, own, merged,
@@ -450,7 +454,7 @@ def to_lora(raw: dict, rank: int | None, default_rank) -> tuple[dict[str, LowRan
         k = rank if rank is not None else (default_rank(name) if isinstance(delta, DenseDelta) else None)
         lora, errors[name] = delta.to_lora(k)
         deltas[name] = LowRankDelta(B=lora.B.cpu(), A=lora.A.cpu())  # results leave the GPU free
-    check_deltas(deltas, "the merged LoRA factors")
+    check_deltas(deltas, "the merged LoRA factors", written_as=torch.float32)
     return deltas, errors
 
 

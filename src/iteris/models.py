@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import LogitsProcessorList
 from transformers.pytorch_utils import Conv1D
 
 from .errors import IterisError
 from .files import check_pickle
-from .finite import check_parameters
+from .finite import FiniteWatch, NonFiniteOutputs, check_parameters
 from .vision import ImageSample, auto_class_name, image_batches, is_vision_config, make_image_batch
 
 # PEFT task_type -> transformers auto class (the class the adapter was trained on fixes module paths).
@@ -92,14 +93,13 @@ def load_model_config(path: str, trust_remote_code: bool = False):
 
 
 def check_checkpoint_pickles(path: str) -> None:
-    """Pickled weights (``*.bin``) that would be read instead of safetensors are checked to hold tensors only,
-    before anything is loaded (a directory with safetensors files is read through those)."""
+    """Every pickled weights file (``*.bin``) of a model directory and its components is checked to hold
+    tensors only, before anything is loaded (whether a loader would prefer a safetensors file beside it
+    or not: the check reads only the pickle's small index)."""
     root = Path(path)
     if not root.is_dir():
         return
     for folder in [root, *(p for p in root.iterdir() if p.is_dir())]:
-        if any(folder.glob("*.safetensors")):
-            continue
         for file in sorted(folder.glob("*.bin")):
             check_pickle(file, "model weights")
 
@@ -393,6 +393,7 @@ def greedy_continuations(
             else:
                 ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
                 mask[row, : len(s.input_ids)] = 1
+        watch = FiniteWatch()
         generated = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -400,7 +401,9 @@ def greedy_continuations(
             do_sample=False,
             num_beams=1,
             pad_token_id=pad_id,
+            logits_processor=LogitsProcessorList([watch]),
         ).cpu()
+        watch.check()
         stops = _stop_ids(model, tokenizer)
         for row, s in enumerate(chunk):
             seq = generated[row, length:] if kind == "causal" else generated[row]
@@ -451,6 +454,9 @@ def tokenize_samples(tokenizer, samples, model: nn.Module, max_length: int, prom
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
         decoder = None
         if kind == "seq2seq" and sample.target is not None:
+            if not isinstance(sample.target, str):
+                raise IterisError(f"{sample.origin or 'a calibration record'}: its target is "
+                                  f"{type(sample.target).__name__} {sample.target!r:.60}, not text; write it as a string")
             target = tokenizer(text_target=sample.target, truncation=True, max_length=max_length - 1)["input_ids"]
             decoder = [decoder_start] + target
         if not ids:
@@ -588,7 +594,10 @@ def class_predictions(model: nn.Module, texts_ids: list[list[int]], pad_id: int,
     out: list[int] = []
     for start in range(0, len(texts_ids), batch_size):
         batch = make_batch([TokenSample(input_ids=ids) for ids in texts_ids[start : start + batch_size]], pad_id, device)
-        out.extend(model(**batch.inputs).logits.argmax(-1).tolist())
+        logits = model(**batch.inputs).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteOutputs
+        out.extend(logits.argmax(-1).tolist())
     return out
 
 

@@ -43,8 +43,19 @@ def wanted(setting: str, path: str, ranks) -> bool:
 def checkpoint_bytes(path: str) -> int:
     index = Path(path) / "model.safetensors.index.json"
     if index.is_file():
-        return int(load_json(index, "checkpoint index").get("metadata", {}).get("total_size", 0))
+        return int(_index(index).get("metadata", {}).get("total_size", 0))
     return sum(f.stat().st_size for f in _checkpoint_files(path))
+
+
+def _index(path: Path) -> dict:
+    """A sharded checkpoint's index: {"weight_map": {tensor: file}, "metadata": {...}}."""
+    index = load_json(path, "checkpoint index")
+    files = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(f, str) for f in files.values()):
+        raise IterisError(f"checkpoint index '{path}' has no weight_map of tensor names to file names in its folder")
+    if not isinstance(index.get("metadata", {}), dict):
+        raise IterisError(f"checkpoint index '{path}': metadata must be a mapping")
+    return index
 
 
 def _checkpoint_files(path: str) -> list[Path]:
@@ -52,7 +63,7 @@ def _checkpoint_files(path: str) -> list[Path]:
     root = Path(path)
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        return sorted({root / name for name in load_json(index, "checkpoint index")["weight_map"].values()})
+        return sorted({root / name for name in _index(index)["weight_map"].values()})
     return [root / "model.safetensors"] if (root / "model.safetensors").is_file() else []
 
 
