@@ -889,7 +889,8 @@ def test_lopsided_factors_are_blamed_on_the_adapter_not_the_data(project):
 
     _edit_tensors(proj / "adapters" / "a1", lopsided)
     write_yaml(proj, method="iteris", parameters="{iterations: 1}")
-    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, "adapter 'second''s lora_A", "check its factors")
+    refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, "every sample's inputs there are finite",
+            "adapter 'second''s update", "check its lora_A and lora_B")
 
 
 def test_eval_never_writes_over_its_own_config(project):

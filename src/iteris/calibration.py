@@ -238,25 +238,24 @@ class Calibration:
     def _explain(self, exc: finite.NonFiniteStatistics, label: str) -> str:
         task = self.task_names[exc.task]
         found = self._non_finite_sample(exc.task, exc.group)
-        culprit, advice = "", ("Check that sample, the base model's weights (an embedding row), or the dtype "
-                               "(activations that overflow in float16: use dtype: float32 or bfloat16)")
+        what, culprit = "inputs", ""
+        advice = ("Check that sample, the base model's weights (an embedding row), or the dtype (activations that "
+                  "overflow in float16: use dtype: float32 or bfloat16)")
+        factors = "check its lora_A and lora_B (factors of very different sizes overflow even when their product is moderate)"
         if found == ():
-            culprit = ", though every sample's inputs there are finite"
-            advice = (f"What overflows are the statistics that multiply them by adapter '{task}''s lora_A: check its "
-                      "factors (factors of very different sizes overflow even when their product is moderate)")
+            what, culprit = "statistics", ", though every sample's inputs there are finite"
+            advice = (f"What overflows are the statistics that involve adapter '{task}''s update (its inputs projected "
+                      f"on lora_A, or the layer's outputs with the update): {factors}")
         elif found is not None:
             sample, variant, in_base = found
             model = "its own" if variant.startswith("own") else "the merged"
             culprit = f"; {getattr(sample, 'origin', None) or 'one of its samples'} gives them in {model} model"
             if in_base:
                 culprit += " but not in the base model"
-                advice = (f"adapter '{task}''s update overflows there: check its lora_A and lora_B (factors of very "
-                          "different sizes overflow even when their product is moderate)" if variant.startswith("own")
+                advice = (f"adapter '{task}''s update overflows there: {factors}" if variant.startswith("own")
                           else "the merged update overflows there: raise alpha1/alpha2")
-        return (
-            f"{label}: the inputs of layer '{exc.group}' are not finite (NaN or Inf) on adapter '{task}''s calibration "
-            f"data{culprit}. {advice}"
-        )
+        return (f"{label}: the {what} of layer '{exc.group}' are not finite (NaN or Inf) on adapter '{task}''s "
+                f"calibration data{culprit}. {advice}")
 
     def _non_finite_sample(self, task: int, group: str):
         """Error path only: the first of a task's samples whose input to ``group`` is not finite, run alone
