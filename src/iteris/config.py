@@ -10,6 +10,7 @@ from typing import Literal
 
 from .errors import IterisError
 from .files import load_yaml
+from .placement import hub_cache
 from .schema import build, short
 
 
@@ -154,8 +155,6 @@ class MergeConfig:
 
 
 def hub_inputs(*models: str | None) -> list[str]:
-    from .placement import hub_cache
-
     remote = [m for m in models if m and not Path(m).exists()]
     cache = hub_cache() if remote else None
     return [cache] if cache else []

@@ -18,12 +18,12 @@ from .models import TokenSample
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
 from .finite import NonFiniteOutputs, check_deltas
-
-log = logging.getLogger("iteris")
-from .schema import build
 from .methods import MergeContext, get_method
 from .output import write_adapter, write_merged_model, write_report
 from .placement import atomic_directory, check_output_dir
+from .schema import build
+
+log = logging.getLogger("iteris")
 
 
 @dataclass
@@ -367,13 +367,20 @@ _PER_LAYER = ("adaptive_weights", "singular_layers")
 def run_method(spec, ctx: MergeContext, report: dict) -> dict:
     start = time.perf_counter()
     raw = spec.fn(ctx)
-    check_deltas(raw, f"{spec.name}")
+    check_deltas(raw, spec.name)
     report["timings"]["merge"] = time.perf_counter() - start
     if ctx.calibration is not None:
         report["timings"]["capture"] = ctx.calibration.capture_seconds
         report["timings"]["solve"] = ctx.calibration.solve_seconds
     report.update(ctx.report)
     return raw
+
+
+@dataclass
+class _Weights:
+    """merge_loaded's weights, read through the same typed path as a config's (finite numbers)."""
+
+    weights: list[float]
 
 
 def merge_loaded(
@@ -456,11 +463,6 @@ def to_lora(raw: dict, rank: int | None, default_rank) -> tuple[dict[str, LowRan
         deltas[name] = LowRankDelta(B=lora.B.cpu(), A=lora.A.cpu())  # results leave the GPU free
     check_deltas(deltas, "the merged LoRA factors", written_as=torch.float32)
     return deltas, errors
-
-
-@dataclass
-class _Weights:
-    weights: list[float]
 
 
 def summarize(report: dict) -> str:
