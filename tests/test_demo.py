@@ -1,6 +1,7 @@
 """`iteris demo`: the pipeline end to end on the tiny model it builds, and the real demo's refusals."""
 
 import json
+from pathlib import Path
 
 import pytest
 import iteris.demo as demo
@@ -39,6 +40,25 @@ def test_demo_refuses_a_non_empty_output_before_work(tmp_path):
 
 
 def test_real_demo_without_adapters_says_how_to_get_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "QUALITY_DIR", tmp_path / "nowhere")
-    with pytest.raises(IterisError, match="clone of the repository"):
+    monkeypatch.setattr(demo, "DEMO_ASSETS", tmp_path / "nowhere")
+    with pytest.raises(IterisError, match="package data.*reinstall iteris.*--tiny"):
         demo.shipped_assets(samples=2, limit=2)
+
+
+QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
+
+
+def test_package_demo_assets_are_the_benchmarks_files():
+    """The demo's package data (what the wheel carries) is byte for byte the benchmark's adapters and task
+    files, and nothing else: a retrained adapter or a re-drawn test set is copied to both or the demo drifts."""
+    root = demo._assets_dir()
+    shipped = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    expected = sorted([f"adapters/{t}/{f}" for t in demo.DEMO_TASKS
+                       for f in ("adapter_config.json", "adapter_model.safetensors")]
+                      + [f"data/{t}/{f}" for t in demo.DEMO_TASKS
+                         for f in ("calibration.jsonl", "task.json", "test.jsonl")])
+    assert shipped == expected
+    for rel in shipped:
+        kind, task, name = rel.split("/")
+        source = QUALITY / ("adapters/smollm2" if kind == "adapters" else "data") / task / name
+        assert (root / rel).read_bytes() == source.read_bytes(), rel

