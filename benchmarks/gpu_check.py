@@ -66,7 +66,7 @@ def guards(cfg: dict) -> list[dict]:
     import iteris
     from iteris import IterisError
 
-    models = importlib.import_module("iteris.models")
+    models = importlib.import_module("iteris.families.loading")
     data = Path(cfg["adapters"][1]["data"])
     first = json.loads(data.read_text().splitlines()[0])["text"]
     from transformers import AutoTokenizer

@@ -105,7 +105,7 @@ def make_adapters(model, n: int, rank: int = 16, seed: int = 0):
 
 def make_samples(n_tasks: int, samples: int, tokens: int, seed: int = 0):
     """Each task draws its tokens from its own slice of the vocabulary, so the tasks' inputs differ."""
-    from iteris.models import TokenSample
+    from iteris.engine.forward import TokenSample
 
     out = []
     for i in range(n_tasks):

@@ -276,7 +276,7 @@ def test_csv_with_utf8_bom(tmp_path):
 
 def test_prompt_response_pairs_reach_a_causal_lm(tiny_family_dir, adapters_for, calibration_file):
     import iteris
-    from iteris.models import load_tokenizer
+    from iteris.families.loading import load_tokenizer
 
     base = tiny_family_dir("llama")
     data = [calibration_file("jsonl_pr", n=3, seed=s) for s in (0, 1)]

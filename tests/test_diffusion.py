@@ -12,7 +12,8 @@ from safetensors import safe_open
 import iteris
 import pipeline_fixtures as pf
 import reference
-from iteris.diffusion import _prompt_batches, read_lora, record_calls, recorded_steps
+from iteris.families.diffusion import _prompt_batches, record_calls, recorded_steps
+from iteris.families.diffusion_lora import read_lora
 from iteris.errors import IterisError
 
 pytest.importorskip("diffusers")

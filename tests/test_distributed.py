@@ -29,13 +29,13 @@ def _rank(rank: int, world: int, port: int, config: dict, out: str, fail_rank: i
         dist.init_process_group("gloo")
 
     import iteris
-    from iteris import calibration
+    from iteris.engine import engine
 
     if rank == fail_rank:  # this rank breaks in the middle of the first sweep
         def broken(self, *args, **kwargs):
             raise RuntimeError("rank failure planted by the test")
 
-        calibration.Calibration.sweep = broken
+        engine.Engine.sweep = broken
     try:
         iteris.merge(config, out=out)
         # a group the merge started, it ends (nothing of it left for the interpreter's exit); the caller's stays
@@ -156,7 +156,7 @@ def test_torchrun_launches_the_cli(tmp_path, tiny_family_dir, adapters_for, cali
 
 
 def test_adapters_are_dealt_out_by_size_or_to_groups_and_split_falls_back_to_samples():
-    from iteris.distributed import Ranks
+    from iteris.engine.ranks import Ranks
     from iteris.errors import IterisError
 
     two = Ranks(rank=0, world=2, device="cpu", backend="gloo")
@@ -179,8 +179,8 @@ def _load_shard(rank: int, world: int, port: int, base: str, targets: list[str],
     from safetensors.torch import load_file
     from torch.distributed.tensor import DTensor
 
-    from iteris import sharding
-    from iteris.distributed import from_environment
+    from iteris.families import sharded as sharding
+    from iteris.engine.ranks import from_environment
 
     ranks = from_environment()
     try:

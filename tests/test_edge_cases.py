@@ -11,10 +11,12 @@ from torch import nn
 
 import fixtures as fx
 import iteris
-from iteris import models
+from iteris.engine import layers as engine_layers
 from iteris.adapters import load_adapter
-from iteris.capture import DeltaInjector, find_groups, token_rows
-from iteris.models import Batch, _cut_after_stop, _stop_ids
+from iteris.engine.inject import DeltaInjector
+from iteris.engine.layers import find_groups, token_rows
+from iteris.engine.forward import Batch
+from iteris.families.text import _cut_after_stop, _stop_ids
 from test_reference import _config
 
 
@@ -28,7 +30,7 @@ def test_overriding_a_tied_weight_leaves_its_partner_alone(tiny_family_dir, tmp_
     model, tok = fx.load_base(base_dir, "gpt2")
     assert model.lm_head.weight is model.transformer.wte.weight
     embedding_before = model.transformer.wte.weight.detach().clone()
-    layers = models.resolve_layers(model, list(adapter.modules))
+    layers = engine_layers.resolve_layers(model, list(adapter.modules))
     injector = DeltaInjector(model, layers)
     injector.set_variant("own", adapter.modules)
     inputs = tok(fx.sample_sentences(2), return_tensors="pt", padding=True)
@@ -48,12 +50,13 @@ def test_token_rows_for_each_input_layout():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
     x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     masks = {3: mask}
-    assert torch.equal(token_rows(x, masks, "l"), x[mask])
-    assert torch.equal(token_rows(x.reshape(6, 4), masks, "l"), x[mask])  # a flattened batch: padding dropped
+    batch = Batch(inputs={}, masks=masks)
+    assert torch.equal(token_rows(x, batch, "l"), x[mask])
+    assert torch.equal(token_rows(x.reshape(6, 4), batch, "l"), x[mask])  # a flattened batch: padding dropped
     pooled = torch.randn(2, 4)
-    assert torch.equal(token_rows(pooled, masks, "l"), pooled)  # one row per sample
+    assert torch.equal(token_rows(pooled, batch, "l"), pooled)  # one row per sample
     with pytest.raises(iteris.IterisError, match="routed expert"):
-        token_rows(torch.randn(5, 4), masks, "experts.0.w1")  # a subset of tokens: cannot be paired
+        token_rows(torch.randn(5, 4), batch, "experts.0.w1")  # a subset of tokens: cannot be paired
 
 
 def test_generation_stops_at_any_configured_stop_id():

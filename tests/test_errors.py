@@ -15,8 +15,9 @@ from iteris import IterisError
 from iteris.methods import get_method
 
 merge_mod = importlib.import_module("iteris.merge")  # ``iteris.merge`` is the function
-models_mod = importlib.import_module("iteris.models")
-calibration_mod = importlib.import_module("iteris.calibration")
+model_job = importlib.import_module("iteris.families.transformers")
+models_mod = importlib.import_module("iteris.families.loading")
+run_mod = importlib.import_module("iteris.run")
 
 
 def _cfg(base, adapters, data=None, method="task_arithmetic", **extra):
@@ -47,7 +48,7 @@ def _refuse(what):
 @pytest.fixture
 def no_adapter_loading(monkeypatch):
     """Config/parameter/output errors must come before any adapter or model is read."""
-    monkeypatch.setattr(merge_mod, "load_adapter", _refuse("load_adapter"))
+    monkeypatch.setattr(model_job, "load_adapter", _refuse("load_adapter"))
     monkeypatch.setattr(models_mod, "load_base_model", _refuse("load_base_model"))
 
 
@@ -313,7 +314,7 @@ def test_missing_field_in_data_is_reported_before_the_model_loads(llama, tmp_pat
 
 
 def test_adapters_for_another_base_model(tiny_family_dir, adapters_for, llama_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(calibration_mod, "Calibration", _refuse("Calibration (statistics capture)"))
+    monkeypatch.setattr(run_mod, "Engine", _refuse("Engine (statistics capture)"))
     gpt2 = tiny_family_dir("gpt2")
     adapters = adapters_for("llama", 2)
     with pytest.raises(IterisError) as info:
@@ -381,17 +382,17 @@ def _fail_in_write_report(monkeypatch):
         (directory / "merge_report.json").write_text("{partial")
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(merge_mod, "write_report", boom)
+    monkeypatch.setattr(model_job, "write_report", boom)
 
 
 def _fail_after_write_adapter(monkeypatch):
-    real = merge_mod.write_adapter
+    real = model_job.write_adapter
 
     def boom(directory, *args, **kwargs):
         real(directory, *args, **kwargs)  # the adapter files exist in the temporary directory...
         raise OSError("disk full (simulated)")  # ...when the save fails
 
-    monkeypatch.setattr(merge_mod, "write_adapter", boom)
+    monkeypatch.setattr(model_job, "write_adapter", boom)
 
 
 @pytest.mark.parametrize("breaker", [_fail_in_write_report, _fail_after_write_adapter])

@@ -8,6 +8,7 @@ from peft import PeftModel
 
 import fixtures as fx
 import iteris
+from iteris.families.loading import load_tokenizer
 from iteris.cli import main
 from iteris.evaluate import evaluate, score
 from iteris.metrics import exact_match, normalize_answer, rouge_l
@@ -111,7 +112,7 @@ def test_evaluate_base_individual_and_merged_rows(tiny_family_dir, adapters_for,
 
     # the individual row is each task's own adapter, as PEFT computes it on its own
     own = PeftModel.from_pretrained(fx.load_base(base, "llama")[0], str(adapters[1])).eval()
-    tok = iteris.models.load_tokenizer(str(base))
+    tok = load_tokenizer(str(base))
     records = [json.loads(line) for line in open(tasks[1]["data"])]
     assert rows["individual"]["scores"]["t1"] == pytest.approx(score(own, tok, records, "perplexity", 8, 4, "cpu"), rel=1e-6)
     base_model = fx.load_base(base, "llama")[0]
@@ -157,7 +158,7 @@ def test_tasks_with_heads_of_different_sizes(tiny_family_dir, adapters_for, cali
     results = evaluate({"base_model": str(base), "tasks": tasks, "device": "cpu", "dtype": "float32", "progress": False,
                         "models": [{"name": "iteris", "path": str(tmp_path / "merged")}]})
     rows = {r["method"]: r for r in results["rows"]}
-    tok = iteris.models.load_tokenizer(str(base))
+    tok = load_tokenizer(str(base))
     own = PeftModel.from_pretrained(
         AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, ignore_mismatched_sizes=True), str(two)
     ).eval()
@@ -169,7 +170,7 @@ def test_tasks_with_heads_of_different_sizes(tiny_family_dir, adapters_for, cali
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_shared_context_logprobs_match_one_pair_at_a_time(load_tiny, family):
     """Options scored from one cached prompt pass equal each (prompt + option) run alone, unpadded."""
-    from iteris.models import shared_context_logprobs
+    from iteris.scoring import shared_context_logprobs
 
     model, tok = load_tiny(family)
     model.double()

@@ -9,8 +9,8 @@ from transformers.pytorch_utils import Conv1D
 
 import fixtures as fx
 import iteris
-from iteris.calibration import Calibration
-from iteris.capture import DeltaInjector
+from iteris.engine import Engine
+from iteris.engine.inject import DeltaInjector
 from test_reference import _config
 
 
@@ -121,42 +121,47 @@ def _stats_elements(base, adapter_dirs, n_samples, calibration_file, tmp_path):
     from iteris.adapters import load_adapter, target_modules
     from iteris.data import load_records, select_samples
     from iteris.config import CalibrationConfig
-    from iteris import models
+    from iteris.engine import CaptureSpec, EngineOptions, GlobalSweep
+    from iteris.engine.forward import token_batcher
+    from iteris.engine.inject import own
+    from iteris.engine.layers import resolve_layers
+    from iteris.families.loading import load_base_model, load_tokenizer
+    from iteris.families.text import tokenize_samples
 
     adapters = [load_adapter(f"t{i}", d) for i, d in enumerate(adapter_dirs)]
-    tok = models.load_tokenizer(str(base))
-    model = models.load_base_model(str(base), "CAUSAL_LM", {}, torch.float32, "cpu")
-    layers = models.resolve_layers(model, target_modules(adapters))
+    tok = load_tokenizer(str(base))
+    model = load_base_model(str(base), "CAUSAL_LM", {}, torch.float32, "cpu")
+    layers = resolve_layers(model, target_modules(adapters))
     spec = CalibrationConfig(samples=n_samples)
     samples = [
-        models.tokenize_samples(tok, select_samples(load_records(calibration_file("jsonl", 40, s)), spec, "x"), model, 64)
+        tokenize_samples(tok, select_samples(load_records(calibration_file("jsonl", 40, s)), spec, "x"), model, 64)
         for s in (0, 1)
     ]
     injector = DeltaInjector(model, layers)
     for i, adapter in enumerate(adapters):
-        injector.set_variant(f"own:{i}", adapter.modules)
-    calib = Calibration(model, layers, injector, samples, ["t0", "t1"], tok.pad_token_id, 4, torch.float32, False,
-                        [{}, {}], [{}, {}])
+        injector.set_variant(own(i), adapter.modules)
+    calib = Engine(model, layers, injector, adapters, samples, token_batcher(tok.pad_token_id, "cpu"),
+                   EngineOptions(batch_size=4, stats_dtype=torch.float32))
     seen = []
 
-    def record(names, per_task):
-        seen.append(per_task)
+    def record(group, stats):
+        seen.append((group.name, stats))
         return {}
 
-    calib.sweep(record, adapters, paired=False, label="x")
-    own = [dict(kv for stage in seen for kv in stage[i].items()) for i in range(2)]
+    calib.sweep(GlobalSweep(CaptureSpec()), record, label="x")
+    own_stats = [{name: stats[i] for name, stats in seen} for i in range(2)]
     calib.set_merged({n: a.modules[n] for a in adapters[:1] for n in a.modules})
     seen.clear()
-    calib.sweep(record, adapters, paired=True, gamma=0.5, want_cross=True, label="x")
-    paired = dict(kv for stage in seen for kv in stage[0].items())
+    calib.sweep(GlobalSweep(CaptureSpec(paired=True, gamma=0.5, cross="norm")), record, label="x")
+    paired = {name: stats[0] for name, stats in seen}
     calib.close()
 
     def count(stats):
         return sum(st.gram.numel() + (st.cross.numel() if st.cross is not None else 0)
                    + sum(p.numel() for p in st.proj.values()) for st in stats.values())
 
-    tokens = sum(st.tokens for st in own[0].values())
-    return sum(count(s) for s in own) + count(paired), tokens
+    tokens = sum(st.tokens for st in own_stats[0].values())
+    return sum(count(s) for s in own_stats) + count(paired), tokens
 
 
 def test_statistics_memory_is_flat_in_samples(tiny_family_dir, adapters_for, calibration_file, tmp_path):

@@ -3,9 +3,10 @@
 import torch
 from torch import nn
 
-from iteris import capture, precision
+from iteris import precision
+from iteris.engine import capture, inject
 from iteris.adapters import LoraModule
-from iteris.capture import DeltaInjector
+from iteris.engine.inject import DeltaInjector
 
 
 def _wide_float32(*shape, seed=0):
@@ -51,6 +52,7 @@ def _split_where(monkeypatch, callers=None):
         return all(t.dtype == torch.bfloat16 for t in tensors)
 
     monkeypatch.setattr(capture, "splits_bf16", splits)
+    monkeypatch.setattr(inject, "splits_bf16", splits)
 
 
 def test_split_lora_update_rounds_once_like_a_float32_branch(monkeypatch):

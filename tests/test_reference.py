@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import iteris
+from iteris.families.loading import load_tokenizer
 import reference as ref
 from iteris.deltas import LowRankDelta
 
@@ -64,7 +65,7 @@ def test_iteris_matches_float64_reference(
     # full rank keeps dense (with_pretrain_matrix) results exact, so the comparison sees only the solve
     result = iteris.merge(_config(base, adapters, data, parameters=params, weights=manual, rank=64, **extra))
 
-    tok = iteris.models.load_tokenizer(str(base))
+    tok = load_tokenizer(str(base))
     names = sorted(result.deltas)
     expected = ref.reference_iteris(
         base, family, adapters, [_samples(d) for d in data], tok, names, iterations, gamma, alpha1, alpha2,
@@ -80,7 +81,7 @@ def test_regmean_matches_reference(tiny_family_dir, adapters_for, calibration_fi
     adapters = adapters_for("llama", 3)
     data = [calibration_file("jsonl", n=5, seed=s) for s in (0, 1, 2)]
     result = iteris.merge(_config(base, adapters, data, method="regmean", parameters={"reduction": 0.9}))
-    tok = iteris.models.load_tokenizer(str(base))
+    tok = load_tokenizer(str(base))
     expected = ref.reference_regmean(base, "llama", adapters, [_samples(d) for d in data], tok, sorted(result.deltas), 0.9)
     for name, d in expected.items():
         assert _rel(result.deltas[name].dense(), d) < 1e-7, name
@@ -105,7 +106,7 @@ def test_adapters_with_different_targets(tiny_family_dir, adapters_for, calibrat
     adapters = full + partial
     data = [calibration_file("jsonl", n=6, seed=s) for s in (0, 1)]
     result = iteris.merge(_config(base, adapters, data, parameters={"iterations": 1}))
-    tok = iteris.models.load_tokenizer(str(base))
+    tok = load_tokenizer(str(base))
     names = sorted(result.deltas)
     expected = ref.reference_iteris(base, "llama", adapters, [_samples(d) for d in data], tok, names, 1, 0.0, 1e-7, 1e-7)
     ranks = result.report["output"]["ranks"]

@@ -201,7 +201,7 @@ def _can_create(where: str) -> bool:
 
 def test_unwritable_output_is_refused_before_any_model_loads(project, monkeypatch):
     proj, work = project
-    models = importlib.import_module("iteris.models")
+    models = importlib.import_module("iteris.families.loading")
     monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
     write_yaml(proj, method="iteris", parameters="{iterations: 1}")
     locked = _unwritable_dir(work)
@@ -475,7 +475,7 @@ def test_a_sample_whose_activations_overflow_is_named(project, monkeypatch):
         (proj / "data" / "d1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         unique = [t for t in tok(records[0]["text"])["input_ids"] if t not in others]
     poison = unique[0]
-    models = importlib.import_module("iteris.models")
+    models = importlib.import_module("iteris.families.loading")
     real = models.load_base_model
 
     def load_with_overflow(*args, **kwargs):
@@ -645,7 +645,7 @@ def test_a_pickled_adapter_with_a_payload_is_refused_before_the_model_loads(proj
     tensors = load_file(str(a0 / "adapter_model.safetensors"))
     (a0 / "adapter_model.safetensors").unlink()
     _pickle_with_payload(a0 / "adapter_model.bin", marker, tensors)
-    models = importlib.import_module("iteris.models")
+    models = importlib.import_module("iteris.families.loading")
     monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
     write_yaml(proj, method="iteris", parameters="{iterations: 1}")
     line = refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, "adapter_model.bin", "run code",
@@ -670,8 +670,8 @@ def test_a_pickled_base_with_a_payload_is_refused_before_merging_into_it(project
     tensors = load_file(str(base / "model.safetensors"))
     (base / "model.safetensors").unlink()
     _pickle_with_payload(base / "pytorch_model.bin", marker, tensors)
-    merge_module = importlib.import_module("iteris.merge")
-    monkeypatch.setattr(merge_module, "run_method", lambda *a, **k: pytest.fail("the merge ran"))
+    run_module = importlib.import_module("iteris.run")
+    monkeypatch.setattr(run_module, "run_method", lambda *a, **k: pytest.fail("the merge ran"))
     refused(["merge", proj / "merge.yaml", "--out", work / "m", "--merge-into-base"], work, "pytorch_model.bin",
             "run code", snapshot_of=proj)
     assert not marker.exists()
@@ -762,7 +762,7 @@ def test_bad_data_files_are_one_line_before_the_model_loads(project, monkeypatch
     proj, work = project
     (proj / "data" / name).write_bytes(content)
     edit_yaml(proj, lambda d: (d["adapters"][1].update(data=f"data/{name}"), d.update(method="iteris")))
-    models = importlib.import_module("iteris.models")
+    models = importlib.import_module("iteris.families.loading")
     monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
     refused(["merge", proj / "merge.yaml", "--out", work / "m"], work, *words, snapshot_of=proj)
 
@@ -863,7 +863,7 @@ def test_the_python_api_checks_what_the_cli_checks(project):
 def test_merge_loaded_checks_weights_and_lists(project, load_tiny):
     from iteris.adapters import load_adapter
     from iteris.merge import merge_loaded
-    from iteris.models import TokenSample
+    from iteris.engine.forward import TokenSample
 
     proj, _ = project
     model, _ = load_tiny("llama")
@@ -915,7 +915,7 @@ def test_eval_never_writes_over_its_own_config(project):
 def test_eval_records_are_checked_before_any_model_loads(project, monkeypatch, record, words):
     proj, work = project
     (proj / "data" / "task.jsonl").write_text(json.dumps(record) + "\n")
-    models = importlib.import_module("iteris.models")
+    models = importlib.import_module("iteris.families.loading")
     monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
     metric = "accuracy" if "label" in record else "mc_accuracy"
     path = _eval_yaml(proj, tasks=[{"name": "t", "data": "data/task.jsonl", "metric": metric}])
@@ -932,7 +932,9 @@ def test_perplexity_of_texts_too_short_to_score_is_one_line(project):
 def test_generation_from_non_finite_logits_is_refused(load_tiny):
     """Greedy decoding would quietly turn NaN logits into a token (and exact match into a score of 0)."""
     from iteris.finite import NonFiniteOutputs
-    from iteris.models import TokenSample, class_predictions, greedy_continuations
+    from iteris.engine.forward import TokenSample
+    from iteris.families.text import greedy_continuations
+    from iteris.scoring import class_predictions
 
     model, tok = load_tiny("llama")
     with torch.no_grad():

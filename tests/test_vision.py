@@ -194,7 +194,7 @@ def test_data_free_methods_check_image_models_without_loading_weights(tmp_path):
 
 
 def test_image_batches_stack_only_alike_images_and_pad_per_token_extras():
-    from iteris.vision import ImageSample, image_batches, make_image_batch
+    from iteris.families.vision import ImageSample, image_batches, make_image_batch
 
     def sample(pixels, n_ids):
         return ImageSample(pixel_values=torch.zeros(1, *pixels), input_ids=list(range(1, n_ids + 1)),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import iteris
-from iteris import models
+from iteris.engine import blocks, forward, layers as engine_layers
 from test_reference import _config, _rel
 
 
@@ -71,12 +71,12 @@ def test_encoder_decoder_falls_back_to_whole_passes(tiny_family_dir, adapters_fo
 def test_stack_found_for_decoders_only_where_it_is_a_plain_chain(load_tiny):
     for family, expected in (("llama", "model.layers"), ("gpt2", "transformer.h"), ("t5", None)):
         model, tok = load_tiny(family)
-        names = [n for n, m in model.named_modules() if models.is_mergeable_layer(m) and ("attn" in n or "Attention" in n or "SelfAttention" in n)]
-        layers = models.resolve_layers(model, names)
+        names = [n for n, m in model.named_modules() if engine_layers.is_mergeable_layer(m) and ("attn" in n or "Attention" in n or "SelfAttention" in n)]
+        layers = engine_layers.resolve_layers(model, names)
         ids = tok(["the river runs under the old bridge"], return_tensors="pt")
-        probe = models.make_batch([models.TokenSample(input_ids=ids["input_ids"][0].tolist(),
+        probe = forward.make_batch([forward.TokenSample(input_ids=ids["input_ids"][0].tolist(),
                                                       decoder_ids=[0, 5, 6] if family == "t5" else None)], 0, "cpu")
-        stack = models.find_stack(model, layers, probe)
+        stack = blocks.find_stack(model, layers, probe)
         if expected is None:
             assert stack is None
         else:
@@ -101,7 +101,7 @@ def test_sequential_schedule_reaches_the_global_fixed_point(family, tiny_family_
 
 
 def test_gram_upper_blocks_and_mirror(monkeypatch):
-    from iteris import capture
+    from iteris.engine import stats as capture
 
     blocks = capture._gram_blocks
     assert len(blocks(2048)) == 1 and len(blocks(4096)) == 2 and len(blocks(14336)) == 4
@@ -144,14 +144,14 @@ def test_overlapped_solves_give_the_same_merge(params, tiny_family_dir, adapters
 
 
 def test_a_failing_overlapped_solve_surfaces_its_error():
-    from iteris.calibration import _OverlappedSolves
+    from iteris.engine.overlap import OverlappedSolves
 
-    def failing(names, per_task):
+    def failing():
         raise RuntimeError("solve broke")
 
-    overlapped = _OverlappedSolves("cpu")
+    overlapped = OverlappedSolves("cpu")
     try:
-        assert overlapped.submit(failing, ["a"], []) == {}
+        assert overlapped.submit(failing, []) == {}
         with pytest.raises(RuntimeError, match="solve broke"):
             overlapped.finish()
     finally:
@@ -220,7 +220,7 @@ def test_merge_loaded_builds_no_autograd_graph_for_trainable_models():
         modules = {name: LoraModule(A=torch.randn(4, m.in_features), B=torch.randn(m.out_features, 4) * 0.1, scale=1.0)
                    for name, m in model.named_modules() if name.endswith(("q_proj", "down_proj"))}
         adapters.append(LoraAdapter(name=f"t{i}", path=Path("."), config={"r": 4, "lora_alpha": 4}, modules=modules))
-    samples = [[models.TokenSample(input_ids=list(range(i, i + 12))) for _ in range(3)] for i in range(2)]
+    samples = [[forward.TokenSample(input_ids=list(range(i, i + 12))) for _ in range(3)] for i in range(2)]
     params = {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4}
     deltas, report = merge_loaded(model, adapters, samples, parameters=params)
     assert report["calibration"]["walk"] == "blocks"

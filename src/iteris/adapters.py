@@ -2,7 +2,7 @@
 
 Every LoRA delta is kept in the (d_out x d_in) convention of ``nn.Linear``: ``delta = scale * B @ A``
 with ``A`` (r x d_in) and ``B`` (d_out x r). PEFT stores GPT-2 ``Conv1D`` LoRAs in the same shapes, so
-only the base weight needs transposing (see ``models.base_weight``).
+only the base weight needs transposing (see ``engine.layers.base_weight``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
+from .deltas import LoraModule
 from .errors import IterisError
 from .files import load_json, load_pickle_tensors, short_exc
 from .finite import FLOAT32_MAX, require_finite
@@ -25,30 +26,6 @@ PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-@dataclass
-class LoraModule:
-    """One target module of one adapter: ``delta = scale * B @ A``."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.A.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.B.shape[0]
-
-    def delta(self, dtype=torch.float64) -> torch.Tensor:
-        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
 
 
 @dataclass

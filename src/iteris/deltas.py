@@ -1,6 +1,6 @@
 """Merged weight updates, kept factored whenever the maths allows it.
 
-A data-aware merge of LoRAs is exactly low rank (``B_cat @ A*``), so it is stored and written without ever
+``LoraModule`` is one adapter's update of one layer, the input every merge starts from. A data-aware merge of LoRAs is exactly low rank (``B_cat @ A*``), so it is stored and written without ever
 forming the d_out x d_in matrix. Methods that act element-wise (TIES, DARE) produce a dense update, which
 becomes a LoRA only through a truncated SVD whose error is reported.
 """
@@ -10,6 +10,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class LoraModule:
+    """One target module of one adapter: ``delta = scale * B @ A``."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[0]
+
+    def delta(self, dtype=torch.float64) -> torch.Tensor:
+        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
 
 
 @dataclass

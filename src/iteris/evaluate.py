@@ -29,7 +29,10 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from . import models
+from . import scoring
+from .adapters import load_adapter
+from .engine.forward import TokenSample
+from .families import loading, text
 from .config import Dtype, check_device, hub_inputs, positive_int, resolve_path
 from .data import load_records
 from .errors import IterisError
@@ -37,6 +40,7 @@ from .files import load_json, load_yaml
 from .finite import NonFiniteOutputs
 from .schema import build, short
 from .metrics import exact_match, rouge_l
+from .placement import atomic_directory
 
 Metric = Literal["mc_accuracy", "accuracy", "exact_match", "rouge_l", "perplexity"]
 METRICS = typing.get_args(Metric)
@@ -181,7 +185,7 @@ def score(model, tokenizer, records: list[dict], metric: str, max_new_tokens: in
             for choice in r["choices"]:
                 pairs.append((context, encode(choice, special=False)))
                 owners.append(index)
-        logps = _finite(models.shared_context_logprobs(model, pairs, pad, batch_size, device))
+        logps = _finite(scoring.shared_context_logprobs(model, pairs, pad, batch_size, device))
         best: dict[int, tuple[float, int]] = {}
         counts: dict[int, int] = {}
         for owner, lp in zip(owners, logps):
@@ -191,11 +195,11 @@ def score(model, tokenizer, records: list[dict], metric: str, max_new_tokens: in
                 best[owner] = (lp, k)
         return sum(best[i][1] == int(r["answer"]) for i, r in enumerate(records)) / len(records)
     if metric == "accuracy":
-        predictions = models.class_predictions(model, [encode(r["text"]) for r in records], pad, batch_size, device)
+        predictions = scoring.class_predictions(model, [encode(r["text"]) for r in records], pad, batch_size, device)
         return sum(p == int(r["label"]) for p, r in zip(predictions, records)) / len(records)
     if metric in ("exact_match", "rouge_l"):
-        prompts = [models.TokenSample(input_ids=encode(r["prompt"])) for r in records]
-        outputs = models.greedy_continuations(model, prompts, tokenizer, max_new_tokens, batch_size, device)
+        prompts = [TokenSample(input_ids=encode(r["prompt"])) for r in records]
+        outputs = text.greedy_continuations(model, prompts, tokenizer, max_new_tokens, batch_size, device)
         fn = exact_match if metric == "exact_match" else rouge_l
         total = 0.0
         for prompt, out, r in zip(prompts, outputs, records):
@@ -210,7 +214,7 @@ def score(model, tokenizer, records: list[dict], metric: str, max_new_tokens: in
                 pairs.append((ids[:1], ids[1:]))
         if not pairs:
             raise IterisError("perplexity needs texts of at least two tokens; every text here has fewer")
-        logps = _finite(models.continuation_logprobs(model, pairs, pad, batch_size, device))
+        logps = _finite(scoring.continuation_logprobs(model, pairs, pad, batch_size, device))
         tokens = sum(len(t) for _, t in pairs)
         mean = -sum(logps) / tokens
         if mean > 700:  # (exp overflows a float: the model assigns these texts no probability to speak of)
@@ -238,8 +242,6 @@ def _adapter_for(path: str, task: str) -> str:
 
 def _heads(path: str) -> dict:
     """An adapter's trained modules_to_save tensors (classifier heads), which fix the head's size."""
-    from .adapters import load_adapter
-
     return load_adapter(str(path), path).extra_tensors
 
 
@@ -250,7 +252,7 @@ def _load(cfg: EvalConfig, task_type, paths: list[str], heads: dict[str, dict], 
     extras = {}
     for path in paths:
         extras.update(heads[path])
-    base = models.load_base_model(cfg.base_model, task_type, extras, dtype, device, tokenizer,
+    base = loading.load_base_model(cfg.base_model, task_type, extras, dtype, device, tokenizer,
                                   trust_remote_code=cfg.trust_remote_code)
     if not paths:
         return base, {}
@@ -297,9 +299,9 @@ def evaluate(source) -> dict:
         own = heads[paths_of[t.name][0]] if paths_of[t.name] else {}
         groups.setdefault(tuple(sorted((k, tuple(v.shape)) for k, v in own.items())), []).append(t.name)
 
-    device = models.resolve_device(cfg.device)
-    dtype = models.resolve_dtype(cfg.dtype, device)
-    tokenizer = models.load_tokenizer(cfg.tokenizer or cfg.base_model, cfg.trust_remote_code)
+    device = loading.resolve_device(cfg.device)
+    dtype = loading.resolve_dtype(cfg.dtype, device)
+    tokenizer = loading.load_tokenizer(cfg.tokenizer or cfg.base_model, cfg.trust_remote_code)
     by_name = {t.name: t for t in cfg.tasks}
     scores: dict[str, dict[str, float]] = {row: {} for row in plan}
     with tqdm(total=len(plan) * len(cfg.tasks), desc="eval", disable=not cfg.progress, unit="task") as bar:
@@ -361,7 +363,6 @@ def _scored(row: str, task: str, run) -> float:
 
 def write_results(results: dict, out: str | Path, force: bool = False, inputs=()) -> None:
     """results.json and results.md, written atomically; an existing non-empty ``out`` only with ``force``."""
-    from .placement import atomic_directory
 
     with atomic_directory(out, force, inputs) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str, allow_nan=False) + "\n")

@@ -11,6 +11,8 @@ import torch
 from .adapters import PREFIX, LoraAdapter
 from .deltas import LowRankDelta
 from .errors import IterisError
+from .families.loading import load_base_model, load_tokenizer
+from .finite import check_parameters
 
 
 def adapter_state_dict(deltas: dict[str, LowRankDelta], extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,9 +71,6 @@ def write_merged_model(
 ):
     """Fold the written adapter into the base weights with PEFT and save a plain transformers model."""
     from peft import PeftModel
-
-    from .finite import check_parameters
-    from .models import load_base_model, load_tokenizer
 
     base = load_base_model(base_model, task_type, extras, dtype="auto", device="cpu", trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

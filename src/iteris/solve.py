@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import LoraModule
+from .deltas import LoraModule
 from .deltas import DenseDelta, LowRankDelta
 from .errors import IterisError
 

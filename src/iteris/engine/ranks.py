@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .deltas import DenseDelta, LowRankDelta
-from .errors import IterisError
+from ..deltas import DenseDelta, LowRankDelta
+from ..errors import IterisError
 
 
 @dataclass
@@ -147,10 +147,17 @@ class Ranks:
         # statistics it fills, read only after a settle
         return [(works, [t for t, _ in sends])]
 
-    def settle(self, in_flight: list, then: bool = True) -> None:
+    def settle(self, in_flight: list) -> None:
         """What ``exchange`` returned is complete for whatever the current stream runs next (on a GPU the
-        stream waits, not the host; a solve's side stream can wait alone, leaving the captures running).
-        ``then``: run what was to follow the arrival (callables in ``in_flight``), once, on this stream."""
+        stream waits, not the host; a solve's side stream can wait alone, leaving the captures running); then
+        what was to follow the arrival (callables in ``in_flight``) runs, once, on this stream."""
+        self._settle(in_flight, then=True)
+
+    def wait_for(self, in_flight: list) -> None:
+        """``settle`` without running what follows the arrival: the sent tensors may be reused after this."""
+        self._settle(in_flight, then=False)
+
+    def _settle(self, in_flight: list, then: bool) -> None:
         start = time.perf_counter()
         with self._talking():
             for entry in in_flight:

@@ -13,34 +13,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import IterisError
+from ..engine.forward import Batch, Batcher, pad_rows
+from ..errors import IterisError
+from .loading import loading_error
 
 IMAGE_FIELD = "image"
 
 
-def reads_images(config) -> bool:
-    """Whether the base model reads images (from its config alone)."""
-    return is_vision_config(config)
-
-
-def is_vision_config(config) -> bool:
-    return hasattr(config, "vision_config") or _architecture(config).endswith("ForImageClassification")
-
-
-def _architecture(config) -> str:
-    return (getattr(config, "architectures", None) or [""])[0] or ""
-
-
-def auto_class_name(config) -> str:
-    if _architecture(config).endswith("ForImageClassification") or not hasattr(config, "vision_config"):
-        return "AutoModelForImageClassification"
-    return "AutoModelForImageTextToText"
-
-
 def load_processor(path: str, trust_remote_code: bool = False):
     from transformers import AutoImageProcessor, AutoProcessor
-
-    from .models import loading_error
 
     try:
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -123,8 +104,6 @@ def image_batches(samples: list[ImageSample], batch_size: int) -> list[list[Imag
 
 def make_image_batch(samples: list[ImageSample], pad: int, device: str):
     """Images stacked, texts right-padded; rows of inputs that no text mask covers (patches) are all real."""
-    from .models import Batch, _pad
-
     if len({_shape_key(s) for s in samples}) > 1:
         raise ValueError("images shaped differently by the processor go into separate batches (image_batches)")
     inputs = {"pixel_values": torch.cat([s.pixel_values for s in samples]).to(device)}
@@ -136,9 +115,14 @@ def make_image_batch(samples: list[ImageSample], pad: int, device: str):
         inputs[key] = torch.cat(values).to(device)
     masks, full = {}, set()
     if samples[0].input_ids is not None:
-        ids, mask = _pad([s.input_ids for s in samples], pad, length)
+        ids, mask = pad_rows([s.input_ids for s in samples], pad, length)
         inputs["input_ids"], inputs["attention_mask"] = ids.to(device), mask.to(device)
         masks[length] = mask.bool().to(device)
         if bool(mask.all()):
             full.add(length)
     return Batch(inputs=inputs, masks=masks, full=frozenset(full), unmasked_rows=True)
+
+
+def image_batcher(pad: int, device: str) -> Batcher:
+    """Images (and their texts) in batches of alike-shaped images."""
+    return lambda samples, size: (make_image_batch(group, pad, device) for group in image_batches(samples, size))

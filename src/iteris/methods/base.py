@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from ..adapters import LoraAdapter
 from ..deltas import DenseDelta, LowRankDelta
+from ..engine import Sweeps
 from ..errors import IterisError
 from ..schema import build
 
@@ -25,7 +26,7 @@ class MergeContext:
     weights: list[float]  # the user's per-adapter weights (manual coefficients)
     targets: list[str]  # union of every adapter's target layers
     params: Any
-    calibration: Any = None  # merge.Calibration for data-aware methods
+    engine: Sweeps | None = None  # data-aware methods sweep the model through it
     report: dict = field(default_factory=dict)  # methods add what they measured
     progress: bool = True
     device: str = "cpu"  # where element-wise methods may do their arithmetic
@@ -43,6 +44,11 @@ class MethodSpec:
     needs_calibration: bool
     fn: Callable[[MergeContext], Deltas]
     aliases: tuple[str, ...] = ()
+    # report keys holding one entry per layer: with several processes, each rank's (for the layers it solved)
+    # are joined into one
+    per_layer_report: tuple[str, ...] = ()
+    # a sentence for the merge's summary from what the method reported (None: nothing to add)
+    describe_report: Callable[[dict], str | None] = lambda report: None
 
     def parse_params(self, values: dict | None) -> Any:
         """The method's parameters through the same typed path as the config (``schema.build``)."""
@@ -63,9 +69,11 @@ REGISTRY: dict[str, MethodSpec] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register(name: str, params: type, summary: str, needs_calibration: bool = False, aliases: tuple[str, ...] = ()):
+def register(name: str, params: type, summary: str, needs_calibration: bool = False, aliases: tuple[str, ...] = (),
+             per_layer_report: tuple[str, ...] = (), describe_report: Callable[[dict], str | None] | None = None):
     def wrap(fn):
-        REGISTRY[name] = MethodSpec(name, summary, params, needs_calibration, fn, aliases)
+        REGISTRY[name] = MethodSpec(name, summary, params, needs_calibration, fn, aliases, per_layer_report,
+                                    describe_report or (lambda report: None))
         for alias in aliases:
             _ALIASES[alias] = name
         return fn

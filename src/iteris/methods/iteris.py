@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..capture import GroupStats
+from ..engine import CaptureSpec, GlobalSweep, GroupStats, LayerGroup, SequentialSweep
 from ..deltas import relative_change
 from ..errors import IterisError
 from ..solve import (
@@ -57,68 +57,59 @@ class IterISParams:
             raise IterisError("iteris: tol must be > 0")
 
 
-def _task_weights(ctx: MergeContext, names: list[str], per_task: list[dict[str, GroupStats]]) -> dict[str, list[float]]:
+def _task_weights(ctx: MergeContext, group: LayerGroup, stats: list[GroupStats]) -> dict[str, list[float]]:
     """c_i per layer, from what each layer outputs in each adapter's own model: fixed for the run."""
-    calib = ctx.calibration
     if not ctx.params.adaptive_weights:
-        return {name: list(ctx.weights) for name in names}
-    coef = {}
-    for name in names:
-        group = calib.group_of[name]
-        coef[name] = [
-            manual * adaptive_weight(norm, float(stats[group].out_sq[name]))
-            for stats, norm, manual in zip(per_task, calib.adapted_weight_norms(name, ctx.loras(name)), ctx.weights)
-        ]
-    return coef
+        return {name: list(ctx.weights) for name in group.members}
+    return {
+        name: [manual * adaptive_weight(norm, float(st.out_sq[name]))
+               for st, norm, manual in zip(stats, ctx.engine.adapted_weight_norms(name), ctx.weights)]
+        for name in group.members
+    }
 
 
-def _solve_layers(ctx: MergeContext, names: list[str], per_task: list[dict[str, GroupStats]], coef) -> dict:
+def _solve_group(ctx: MergeContext, group: LayerGroup, stats: list[GroupStats], coef) -> dict:
+    """Every member of one layer group: its members share the group's statistics (and the float64 copies of
+    its Grams), solved together."""
     p = ctx.params
-    calib = ctx.calibration
-    by_group: dict[str, list[int]] = {}
-    for k, name in enumerate(names):
-        by_group.setdefault(calib.group_of[name], []).append(k)
     # sample space where every task kept its rows (fewer tokens than features), the Grams elsewhere; rows are
     # kept only when the capture was asked for them (alpha2 > 0, no with_pretrain_matrix)
-    in_samples = {
-        g for g in by_group
-        if all(stats[g].rows is not None for stats in per_task)
-        and (p.solve_space == "samples" or sum(stats[g].rows.shape[0] for stats in per_task) < calib.in_features(g))
-    }
-    solved = [None] * len(names)
-    # one group at a time: its members share its statistics (brought back to the GPU if they were offloaded)
-    # and the float64 copies of its Grams, and only one group's are alive
-    for group, members in by_group.items():
-        rows = group in in_samples
-        group_stats = [calib.onload(group, stats[group]) for stats in per_task]
-        problems = []
-        for k in members:
-            tasks = [
-                TaskLayerStats(gram=None if rows else st.full_gram(), cross_proj=st.proj.get(names[k]),
-                               cross_norm=st.cross_norm if p.alpha1 else 0.0, weight=c,
-                               rows=st.rows if rows else None, own_proj=st.own_proj.get(names[k]) if rows else None)
-                for st, c in zip(group_stats, coef[names[k]])
-            ]
-            problems.append((tasks, ctx.loras(names[k])))
-        if p.with_pretrain_matrix:
-            for k, (tasks, loras) in zip(members, problems):
-                W0 = calib.base_weight(names[k]).to(torch.float64)
-                base_rhs = sum(pretrain_rhs(W0, st.cross_or_gram, t.weight, p.alpha1, t.cross_norm)
-                               for st, t in zip(group_stats, tasks))
-                solved[k] = iteris_solve(tasks, loras, p.alpha1, p.alpha2, base_weight=W0, base_rhs=base_rhs)
-        else:
-            solve = iteris_solve_samples if rows else iteris_solve_many
-            for k, result in zip(members, solve(problems, p.alpha1, p.alpha2)):
-                solved[k] = result
-        del group_stats, problems
-    if in_samples:  # which layer groups were solved in sample space (in any sweep)
-        ctx.report["sample_space_groups"] = sorted(set(ctx.report.get("sample_space_groups", [])) | in_samples)
+    rows = all(st.rows is not None for st in stats) and (
+        p.solve_space == "samples" or sum(st.rows.shape[0] for st in stats) < group.in_features)
+    problems = []
+    for name in group.members:
+        tasks = [
+            TaskLayerStats(gram=None if rows else st.full_gram(), cross_proj=st.proj.get(name),
+                           cross_norm=st.cross_norm if p.alpha1 else 0.0, weight=c,
+                           rows=st.rows if rows else None, own_proj=st.own_proj.get(name) if rows else None)
+            for st, c in zip(stats, coef[name])
+        ]
+        problems.append((tasks, ctx.loras(name)))
+    if p.with_pretrain_matrix:
+        solved = []
+        for name, (tasks, loras) in zip(group.members, problems):
+            W0 = ctx.engine.base_weight(name).to(torch.float64)
+            base_rhs = sum(pretrain_rhs(W0, st.cross_or_gram, t.weight, p.alpha1, t.cross_norm)
+                           for st, t in zip(stats, tasks))
+            solved.append(iteris_solve(tasks, loras, p.alpha1, p.alpha2, base_weight=W0, base_rhs=base_rhs))
+    else:
+        solved = (iteris_solve_samples if rows else iteris_solve_many)(problems, p.alpha1, p.alpha2)
+    if rows:  # which layer groups were solved in sample space (in any sweep)
+        ctx.report["sample_space_groups"] = sorted(set(ctx.report.get("sample_space_groups", [])) | {group.name})
     deltas = {}
-    for name, (delta, how) in zip(names, solved):
+    for name, (delta, how) in zip(group.members, solved):
         deltas[name] = delta
         if how != "cholesky":
             ctx.report.setdefault("singular_layers", []).append(name)
     return deltas
+
+
+def describe(report: dict) -> str | None:
+    its = report.get("iterations")
+    if not its or len(its) <= 1:
+        return None
+    return (f"{len(its) - 1} inference-solving iterations after the initial solve; the merged deltas moved by "
+            f"{its[-1]['relative_change']:.2e} (relative) in the last one.")
 
 
 @register(
@@ -126,24 +117,24 @@ def _solve_layers(ctx: MergeContext, names: list[str], per_task: list[dict[str, 
     IterISParams,
     "IterIS (CVPR 2025): iterative inference-solving alignment, closed form per layer (exact, rank sum r_i)",
     needs_calibration=True,
+    per_layer_report=("adaptive_weights", "singular_layers"),
+    describe_report=describe,
 )
 def iteris(ctx: MergeContext):
     p = ctx.params
-    calib = ctx.calibration
+    calib = ctx.engine
     coef: dict[str, list[float]] = {}
 
-    def solve_stage(names, per_task):
-        fresh = [n for n in names if n not in coef]
-        if fresh:
-            coef.update(_task_weights(ctx, fresh, per_task))
-        return _solve_layers(ctx, names, per_task, coef)
+    def solve_group(group, stats):
+        if group.members[0] not in coef:
+            coef.update(_task_weights(ctx, group, stats))
+        return _solve_group(ctx, group, stats, coef)
 
     rows = None
     if p.alpha2 > 0 and not p.with_pretrain_matrix and p.solve_space != "features":
         rows = "always" if p.solve_space == "samples" else "auto"
-    capture = dict(
-        want_cross=p.alpha1 != 0.0, keep_cross=p.with_pretrain_matrix, out_norms=p.adaptive_weights, rows=rows
-    )
+    cross = "keep" if p.with_pretrain_matrix else "norm" if p.alpha1 != 0.0 else "none"
+    capture = CaptureSpec(gamma=p.gamma, cross=cross, out_norms=p.adaptive_weights, rows=rows)
     history = []
 
     def timed(entry: dict, start: float, before: tuple[float, float]) -> dict:
@@ -155,8 +146,7 @@ def iteris(ctx: MergeContext):
 
     start, before = time.perf_counter(), (calib.capture_seconds, calib.solve_seconds)
     if p.schedule == "sequential":
-        deltas = calib.sweep(solve_stage, ctx.adapters, paired=True, sequential=True, gamma=p.gamma, label="sequential",
-                             **capture)
+        deltas = calib.sweep(SequentialSweep(capture), solve_group, label="sequential")
         history.append(timed({"iteration": "sequential", "relative_change": None}, start, before))
         ctx.report["iterations"] = history
         ctx.report["schedule"] = "sequential"
@@ -166,15 +156,16 @@ def iteris(ctx: MergeContext):
     # With gamma = 0 and no cross term, later rounds need only the adapters' inputs projected on their A:
     # remembered now, they spare re-running every adapter's own model in every round.
     remember = p.iterations > 0 and p.gamma == 0.0 and p.alpha1 == 0.0 and not p.with_pretrain_matrix
-    deltas = calib.sweep(solve_stage, ctx.adapters, paired=False, remember=remember, label="iteration 0", **capture)
+    own_only = capture.replace(gamma=0.0, remember=remember)
+    deltas = calib.sweep(GlobalSweep(own_only), solve_group, label="iteration 0")
     history.append(timed({"iteration": 0, "relative_change": None}, start, before))
     converged = False
     rounds = tqdm(range(1, p.iterations + 1), desc="IterIS", disable=not ctx.progress or p.iterations == 0, unit="iter")
     for iteration in rounds:
         start, before = time.perf_counter(), (calib.capture_seconds, calib.solve_seconds)
         calib.set_merged(deltas)
-        new = calib.sweep(solve_stage, ctx.adapters, paired=True, gamma=p.gamma, label=f"iteration {iteration}",
-                          **{**capture, "out_norms": False})
+        new = calib.sweep(GlobalSweep(capture.replace(paired=True, out_norms=False)), solve_group,
+                          label=f"iteration {iteration}")
         per_module, diff_total, base_total = {}, 0.0, 0.0
         for name in ctx.targets:
             diff, base = relative_change(new[name], deltas[name])

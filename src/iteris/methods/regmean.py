@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..engine import CaptureSpec, GlobalSweep
 from ..errors import IterisError
 from ..solve import regmean_solve
 from .base import MergeContext, param, register
@@ -24,23 +25,17 @@ class RegMeanParams:
     RegMeanParams,
     "RegMean: dW = (sum_i dW_i G~_i)(sum_i G~_i)^-1 with input Grams G_i (exact, rank sum r_i)",
     needs_calibration=True,
+    per_layer_report=("singular_layers",),
 )
 def regmean(ctx: MergeContext):
-    calib = ctx.calibration
-
-    def solve_stage(names, per_task):
+    def solve_group(group, stats):
+        grams = [st.full_gram() for st in stats]
+        weights = [w / float(st.tokens) if ctx.params.normalize else w for st, w in zip(stats, ctx.weights)]
         out = {}
-        by_group: dict[str, list[str]] = {}
-        for name in names:
-            by_group.setdefault(calib.group_of[name], []).append(name)
-        for group, members in by_group.items():
-            group_stats = [calib.onload(group, stats[group]) for stats in per_task]  # back on the GPU if offloaded
-            grams = [st.full_gram() for st in group_stats]
-            weights = [w / float(st.tokens) if ctx.params.normalize else w for st, w in zip(group_stats, ctx.weights)]
-            for name in members:
-                out[name], how = regmean_solve(grams, ctx.loras(name), ctx.params.reduction, weights)
-                if how != "cholesky":
-                    ctx.report.setdefault("singular_layers", []).append(name)
+        for name in group.members:
+            out[name], how = regmean_solve(grams, ctx.loras(name), ctx.params.reduction, weights)
+            if how != "cholesky":
+                ctx.report.setdefault("singular_layers", []).append(name)
         return out
 
-    return calib.sweep(solve_stage, ctx.adapters, paired=False, projections=False, label="regmean")
+    return ctx.engine.sweep(GlobalSweep(CaptureSpec(projections=False)), solve_group, label="regmean")

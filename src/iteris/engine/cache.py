@@ -1,0 +1,36 @@
+"""Hidden states kept at a block boundary between visits of the walk: one per batch, per adapter's own
+model and per merged model. The cache decides where they live (in place, or in pinned CPU memory)."""
+
+from __future__ import annotations
+
+import torch
+
+from .blocks import BlockCall
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """t in CPU memory; from a GPU into pinned memory, copied without stalling the GPU queue (pinned blocks
+    are reused only once their copies are done)."""
+    if not t.is_cuda:
+        return t.to("cpu")
+    kept = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return kept.copy_(t, non_blocking=True)
+
+
+class HiddenStates:
+    """``own[i][j]`` and ``merged[i][j]``: what the current block receives for batch j of task i, in the
+    adapter's own model and in the merged model (either list empty where that model is not run)."""
+
+    def __init__(self, offload: bool):
+        self.offload = offload
+        self.own: list[list[BlockCall]] = []
+        self.merged: list[list[BlockCall]] = []
+
+    def store(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A state kept between blocks: in place, or (offload) in CPU memory."""
+        return to_host(hidden) if self.offload else hidden
+
+    def keep_all(self) -> None:
+        for calls in self.own + self.merged:
+            for call in calls:
+                call.hidden = self.store(call.hidden)

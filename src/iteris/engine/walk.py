@@ -1,0 +1,77 @@
+"""Schedules: how a sweep walks the model. A method picks one per sweep; a new schedule is a new class here
+beside these, built on the sweep's primitives (``capture``, ``propagate``, ``solve``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import IterisError
+from .layers import LayerGroup
+from .spec import CaptureSpec
+from .sweep import Sweep
+
+
+@dataclass(frozen=True)
+class GlobalSweep:
+    """The paper's schedule: the merged model stays as set for the whole sweep; every block's groups are one
+    stage, solved (on a worker, on a GPU) while the next block is captured. Models that are not a plain chain
+    of blocks run whole, every group in one stage."""
+
+    spec: CaptureSpec
+
+    def check(self, engine) -> None:
+        pass
+
+    def walk(self, sweep: Sweep) -> dict:
+        engine = sweep.engine
+        if not engine.walks_blocks:
+            return sweep.whole_model()
+        spec = sweep.spec
+        if spec.remember and not spec.paired:
+            engine.remembered = [[{} for _ in task] for task in sweep.task_batches]
+            sweep.remember = engine.remembered
+        sweep.recall = spec.paired and engine.remembered is not None and not spec.needs_own_models
+        states = sweep.open_states()
+        sweep.overlap_solves()
+        sweep.defer_sharing()
+
+        def visit(block, groups: list[LayerGroup]) -> None:
+            sweep.solve(groups, sweep.capture(block, groups, states, advance=("own", "merged")))
+
+        return sweep.walk_blocks(visit)
+
+
+@dataclass(frozen=True)
+class SequentialSweep:
+    """One sweep in depth order (DESIGN.md §3.6): every layer group is a stage, solved and installed in the
+    merged model at once, so later stages see the inputs of the already-merged layers before them."""
+
+    spec: CaptureSpec
+
+    def __post_init__(self):
+        object.__setattr__(self, "spec", self.spec.replace(paired=True))  # every stage pairs with the merged model
+
+    def check(self, engine) -> None:
+        if not engine.walks_blocks:
+            raise IterisError(
+                f"the sequential schedule walks the model block by block, and {type(engine.model).__name__} does not "
+                "run its target layers as one plain chain of blocks; use schedule: global"
+            )
+
+    def walk(self, sweep: Sweep) -> dict:
+        engine = sweep.engine
+        engine.set_merged({})
+        states = sweep.open_states()
+
+        def visit(block, groups: list[LayerGroup]) -> None:
+            stages = [[g] for g in groups] or [[]]  # (a block with no target layer still moves the states on)
+            for s, stage in enumerate(stages):
+                last = s == len(stages) - 1
+                captured = sweep.capture(block, stage, states, advance=("own",) if last else (),
+                                         stop_at=None if last else stages[s + 1][0].name)
+                sweep.solve(stage, captured)
+                if stage:
+                    engine.set_merged(sweep.result)
+            sweep.propagate(block, states)
+
+        return sweep.walk_blocks(visit)
