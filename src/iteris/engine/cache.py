@@ -17,18 +17,20 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return kept.copy_(t, non_blocking=True)
 
 
+def in_place(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class HiddenStates:
     """``own[i][j]`` and ``merged[i][j]``: what the current block receives for batch j of task i, in the
     adapter's own model and in the merged model (either list empty where that model is not run)."""
 
     def __init__(self, offload: bool):
-        self.offload = offload
+        # where a state is kept between blocks: in place, or (offload) in CPU memory; a plain function, so that
+        # what holds it (the collector, for remembered projections) does not keep these states alive
+        self.store = to_host if offload else in_place
         self.own: list[list[BlockCall]] = []
         self.merged: list[list[BlockCall]] = []
-
-    def store(self, hidden: torch.Tensor) -> torch.Tensor:
-        """A state kept between blocks: in place, or (offload) in CPU memory."""
-        return to_host(hidden) if self.offload else hidden
 
     def keep_all(self) -> None:
         for calls in self.own + self.merged:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import IterisError
 from ..precision import HALF, split_mm, split_rows, split_tmm, splits_bf16
+from .cache import in_place
 from .forward import Batch, StopForward
 from .layers import LayerGroup, channels_last, token_rows
 from .spec import CaptureSpec
@@ -51,7 +52,7 @@ class StatsCollector:
         self._remember: dict[str, list[torch.Tensor]] | None = None
         self._recall: dict[str, list[torch.Tensor]] | None = None
         self._recall_pos: dict[str, int] = {}
-        self._store = lambda t: t
+        self._store = in_place
         # Registered after the injector's hooks, so output hooks see the adapter's update already added.
         self._handles = [layers[g.name].register_forward_pre_hook(self._input_hook(g)) for g in groups]
         self._handles += [m.register_forward_hook(self._output_hook(name)) for name, m in layers.items()]
@@ -213,7 +214,7 @@ class StatsCollector:
         that many stay below d_in.
         """
         self.spec = spec
-        self._store = store or (lambda t: t)
+        self._store = store or in_place
         self._stats = {}
         self.out_sq = {}
         self.active = set(groups)
@@ -288,6 +289,7 @@ class StatsCollector:
             exchange.pass_to_owners(stats, holders[0])
         self.projections = {}
         self.out_sq = {}
+        self._store = in_place
         return stats
 
     def _complete(self, group_name: str, st: GroupStats) -> torch.Tensor | None:
