@@ -10,14 +10,10 @@ Prints ms per matrix and TFLOP/s (n^3 / 3 flops each) and the largest relative r
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from solve_parts import timed  # noqa: E402
+from solve_parts import timed
 
 
 def blocked_cholesky(a: torch.Tensor, block: int) -> torch.Tensor:

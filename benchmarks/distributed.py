@@ -25,9 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import speed  # noqa: E402
+import speed
 
 PROJECTIONS = list(speed.PROJECTIONS)  # the speed benchmark's targets (a list: it goes into JSON)
 

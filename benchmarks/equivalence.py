@@ -7,8 +7,8 @@ fixture models with one version of the code, record them again with another, and
 
 ``record`` builds tiny models (Llama, GPT-2, T5, BERT), adapters, calibration files, diffusers pipelines
 (SD, SDXL, Flux, SD3 shapes) and image models (ViT, LLaVA, BLIP) from the test helpers
-(``tests/fixtures.py``, ``tests/pipeline_fixtures.py``, ``tests/test_vision.py`` of the checkout this
-script sits in, loaded by file path) into a temporary directory with fixed seeds, runs every case
+(``tests/helpers/fixtures.py``, ``tests/helpers/pipeline_fixtures.py``, ``tests/families/test_vision.py`` of the
+checkout this script sits in, loaded by file path) into a temporary directory with fixed seeds, runs every case
 through the stable public API only (``iteris.merge.merge`` with a dict config), and saves every
 merged layer's ``A`` and ``B`` (and any ``modules_to_save`` tensors written beside them) to one file. The
 ``iteris`` it imports is whatever ``PYTHONPATH`` points at (printed, and stored in the file), so the same
@@ -69,29 +69,39 @@ except ImportError:
 
 
 def _load(name: str, path: Path):
-    """Import ``path`` as module ``name`` (registered, so that helpers importing each other find it)."""
+    """Import ``path`` as module ``name`` (registered, so that helpers importing each other find it); an
+    ``__init__.py`` is loaded as package ``name``."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
+    package = [str(path.parent)] if path.name == "__init__.py" else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=package)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
+def _tests_package(sub: str):
+    """This checkout's ``tests`` and ``tests.<sub>`` packages: the helpers import each other as ``tests.helpers.*``."""
+    _load("tests", TESTS / "__init__.py")
+    _load(f"tests.{sub}", TESTS / sub / "__init__.py")
+
+
 def fixtures():
-    return _load("fixtures", TESTS / "fixtures.py")
+    _tests_package("helpers")
+    return _load("tests.helpers.fixtures", TESTS / "helpers" / "fixtures.py")
 
 
 def pipeline_fixtures():
     fixtures()
-    return _load("pipeline_fixtures", TESTS / "pipeline_fixtures.py")
+    return _load("tests.helpers.pipeline_fixtures", TESTS / "helpers" / "pipeline_fixtures.py")
 
 
 def vision_helpers():
     fixtures()
-    _load("reference", TESTS / "reference.py")  # test_vision imports it
-    return _load("test_vision", TESTS / "test_vision.py")
+    _load("tests.helpers.reference", TESTS / "helpers" / "reference.py")  # test_vision imports it
+    _tests_package("families")
+    return _load("tests.families.test_vision", TESTS / "families" / "test_vision.py")
 
 
 def _seed_everything(seed: int = 0) -> None:
@@ -147,7 +157,7 @@ class Inputs:
         return self._once(("data", kind, n, seed), build)
 
     def pipeline(self, kind: str = "sd") -> dict:
-        """A tiny pipeline (tests/pipeline_fixtures.py) and two LoRAs with their prompts, as tests/test_diffusion.py
+        """A tiny pipeline (tests/helpers/pipeline_fixtures.py) and two LoRAs with their prompts, as tests/families/test_diffusion.py
         builds them. sd: a diffusers-format LoRA (UNet + text encoder) and a kohya-format one (UNet only);
         sdxl, flux, sd3: diffusers-format LoRAs on the denoiser and text encoders (the second flux one on the
         denoiser only)."""
@@ -203,7 +213,7 @@ class Inputs:
             tv = vision_helpers()
             root = self.root / "images"
             root.mkdir(parents=True, exist_ok=True)
-            for i in range(len(tv.TEXTS)):  # tests/test_vision.py's `images` fixture
+            for i in range(len(tv.TEXTS)):  # tests/families/test_vision.py's `images` fixture
                 rng = np.random.RandomState(i)
                 size = (20 + 4 * i, 24 + 2 * i)
                 Image.fromarray((rng.rand(*size, 3) * 255).astype("uint8")).save(root / f"img{i}.png")
@@ -212,7 +222,7 @@ class Inputs:
         return self._once(("images",), build)
 
     def vision(self, family: str) -> dict:
-        """tests/test_vision.py's tiny model of ``family`` (vit, llava, blip), two LoRAs and their image data."""
+        """tests/families/test_vision.py's tiny model of ``family`` (vit, llava, blip), two LoRAs and their image data."""
 
         def build():
             tv = vision_helpers()
@@ -399,7 +409,7 @@ case("sd3_pipeline/iteris")(lambda inp: pipeline_config(
     calibration={**SMALL, "guidance_scale": 3.5}))
 
 
-# models that read images (tests/test_vision.py's tiny ViT classifier and LLaVA)
+# models that read images (tests/families/test_vision.py's tiny ViT classifier and LLaVA)
 def vision_config(inp: Inputs, family: str, method: str, parameters=None) -> dict:
     built = inp.vision(family)
     return {
@@ -467,7 +477,7 @@ def _file_digest(f: Path, root: Path) -> bytes:
 
 def _fingerprint(config: dict, root: Path) -> str:
     """sha256 of the contents of every file the config names (base model, adapters, data; the temporary
-    directory's path left out), to tell fixture drift (another tests/fixtures.py) from a change of the merge."""
+    directory's path left out), to tell fixture drift (another tests/helpers/fixtures.py) from a change of the merge."""
     import hashlib
 
     paths = [config.get("base_model")] + [v for a in config.get("adapters", []) for k, v in a.items() if k in ("path", "data")]
@@ -653,7 +663,7 @@ def compare_case(old: dict, new: dict) -> dict:
         notes.append("warning: the case's config differs between the recordings (another version of this script?)")
     if old.get("inputs_sha256") != new.get("inputs_sha256"):
         notes.append("warning: the built inputs (models, adapters, data files) differ between the recordings "
-                     "(tests/fixtures.py changed?): a difference here need not come from the merge")
+                     "(tests/helpers/fixtures.py changed?): a difference here need not come from the merge")
     fail = False
     a_layers, b_layers = old["layers"], new["layers"]
     if set(a_layers) != set(b_layers):

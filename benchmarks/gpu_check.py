@@ -1,14 +1,13 @@
-"""GPU sanity and first scale figures for `iteris merge` (the full speed benchmark is a separate script).
+"""First scale figures for `iteris merge` on a GPU (the full speed benchmark is a separate script).
 
-1. Agreement: a tiny Llama merged on the GPU (float32 and bfloat16 forwards) against the same merge on
-   the CPU in float64; the same merge with offloaded statistics gives the same answer.
-1b. Guards: one calibration record whose activations are made infinite stops the merge on the GPU, named,
-   with solves overlapped on a worker thread and statistics offloaded to pinned CPU memory or not.
-2. Scale: a random ~125M-parameter Llama (hidden 768, 12 layers), N LoRAs of rank 16 on all seven
-   projections, S samples x T tokens per adapter, bf16 forwards, fp32 statistics, float64 solves:
-   per-phase wall time and peak GPU memory for several S (memory should stay flat in S).
+A random ~125M-parameter Llama (hidden 768, 12 layers), N LoRAs of rank 16 on all seven projections, S samples
+x T tokens per adapter, bf16 forwards, fp32 statistics, float64 solves: per-phase wall time and peak GPU memory
+for several S (memory should stay flat in S).
 
-    PYTHONPATH=src python benchmarks/gpu_check.py [--out results.json]
+The GPU correctness checks this script used to print (agreement with a CPU float64 merge, offloaded statistics,
+non-finite activations stopped and named) are tests now: tests/gpu/ (`python -m pytest -m gpu`).
+
+    python benchmarks/gpu_check.py [--out results.json]
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,82 +23,6 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
-def agreement(root: Path) -> list[dict]:
-    import fixtures as fx
-
-    import iteris
-
-    base = root / "tiny"
-    fx.make_base_model(base, "llama")
-    adapters = [fx.make_lora_adapter(base, root / f"tiny{s}", "llama", seed=s) for s in range(2)]
-    data = [fx.write_calibration(root / f"tiny{s}.jsonl", "jsonl", 16, seed=s) for s in range(2)]
-    cfg = {
-        "base_model": str(base), "method": "iteris", "parameters": {"iterations": 2, "alpha1": 1e-4, "alpha2": 1e-4},
-        "calibration": {"samples": 16, "batch_size": 4},
-        "adapters": [{"name": f"t{i}", "path": str(a), "data": str(d)} for i, (a, d) in enumerate(zip(adapters, data))],
-        "progress": False,
-    }
-    ref = iteris.merge({**cfg, "device": "cpu", "dtype": "float64", "calibration": {**cfg["calibration"], "stats_dtype": "float64"}})
-    rows = []
-    for dtype in ("float32", "bfloat16"):
-        got = iteris.merge({**cfg, "device": "cuda", "dtype": dtype})
-        num = sum(float((got.deltas[n].dense() - ref.deltas[n].dense()).pow(2).sum()) for n in ref.deltas)
-        den = sum(float(ref.deltas[n].dense().pow(2).sum()) for n in ref.deltas)
-        rows.append({"device": "cuda", "dtype": dtype, "relative_difference_vs_cpu_float64": (num / den) ** 0.5})
-    plain = iteris.merge({**cfg, "device": "cuda", "dtype": "float32"})
-    offloaded = iteris.merge({**cfg, "device": "cuda", "dtype": "float32",
-                              "calibration": {**cfg["calibration"], "offload_stats": True}})
-    same = max(float((offloaded.deltas[n].dense() - plain.deltas[n].dense()).abs().max()) for n in ref.deltas)
-    rows.append({"device": "cuda", "dtype": "float32", "offload_stats": True, "max_abs_difference_vs_not_offloaded": same})
-    return rows, cfg
-
-
-def guards(cfg: dict) -> list[dict]:
-    """A hook makes one record's embeddings infinite: every GPU path must stop and name it."""
-    import importlib
-    import json
-
-    import iteris
-    from iteris import IterisError
-
-    models = importlib.import_module("iteris.families.loading")
-    data = Path(cfg["adapters"][1]["data"])
-    first = json.loads(data.read_text().splitlines()[0])["text"]
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg["base_model"])
-    others = {t for line in data.read_text().splitlines()[1:] for t in tok(json.loads(line)["text"])["input_ids"]}
-    others |= {t for line in Path(cfg["adapters"][0]["data"]).read_text().splitlines()
-               for t in tok(json.loads(line)["text"])["input_ids"]}
-    poison = next(t for t in tok(first)["input_ids"] if t not in others)
-    real = models.load_base_model
-
-    def load(*args, **kwargs):
-        model = real(*args, **kwargs)
-        model.get_input_embeddings().register_forward_hook(
-            lambda module, inputs, output: output.masked_fill((inputs[0] == poison).unsqueeze(-1), float("inf")))
-        return model
-
-    models.load_base_model = load
-    rows = []
-    try:
-        for offload in (False, True):
-            for schedule in ("global", "sequential"):
-                try:
-                    iteris.merge({**cfg, "device": "cuda", "dtype": "bfloat16",
-                                  "parameters": {**cfg["parameters"], "schedule": schedule},
-                                  "calibration": {**cfg["calibration"], "offload_stats": offload, "overlap": "on"}})
-                    message = "NOT STOPPED"
-                except IterisError as exc:
-                    message = str(exc)
-                rows.append({"offload_stats": offload, "schedule": schedule, "named": "record 1 of" in message,
-                             "message": message})
-    finally:
-        models.load_base_model = real
-    return rows
 
 
 def _build_scale_assets(root: Path, n_adapters: int, samples: int, tokens: int):
@@ -182,18 +104,6 @@ def main():
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        results["agreement"], cfg = agreement(root)
-        for row in results["agreement"]:
-            if "offload_stats" in row:
-                print(f"agreement  offload_stats, float32: max |difference| vs not offloaded: "
-                      f"{row['max_abs_difference_vs_not_offloaded']:.2e}")
-            else:
-                print(f"agreement  {row['dtype']:9s} relative difference vs CPU float64: "
-                      f"{row['relative_difference_vs_cpu_float64']:.2e}")
-        results["guards"] = guards(cfg)
-        for row in results["guards"]:
-            print(f"guards     offload_stats={row['offload_stats']!s:5} {row['schedule']:10s} stopped and named: "
-                  f"{row['named']}  ({row['message'][:150]})")
         counts = [int(s) for s in args.samples.split(",")]
         results["scale"] = scale(root, args.adapters, counts, args.tokens, args.iterations)
     print(f"\n{results['device']}: random Llama ~125M, {args.adapters} LoRAs r16 x 7 projections, bf16, {args.iterations} iterations")

@@ -16,7 +16,7 @@ whole sequences. The official code uses ``model.generate`` and keeps only the la
 inputs, so its features are not the objective's. Inputs carry no padding, so no padding rows enter
 the statistics.
 
-    import sys; sys.path.insert(0, "benchmarks"); import official_approach
+    from benchmarks import official_approach   # from the repository root
     deltas, info = official_approach.official_merge(model, adapters, task_tokens, iterations=3)
 """
 

@@ -8,15 +8,11 @@ A warm-up merge runs first (one round, few samples), then the profiled one; the 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import speed  # noqa: E402
+import speed
 
 
 def main():

@@ -10,13 +10,9 @@ right-looking one built from GEMMs), the triangular solves — with each part's 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def timed(fn, repeats: int = 3) -> float:

@@ -4,7 +4,7 @@
 
 Saves a random Llama-shaped model, loads it once on cuda:0 and once with device_map="balanced", runs the
 same merge on both and prints the relative difference of the merged deltas, the placement and each GPU's
-peak memory.
+peak memory. The same property at tiny shapes is a test: tests/gpu/test_multi_gpu.py (`python -m pytest -m multi_gpu`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ import argparse
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import speed  # noqa: E402
+import speed
 
 
 def main():

@@ -1,4 +1,4 @@
-"""Pytest fixtures wrapping ``tests/fixtures.py`` (see its docstring for what gets built).
+"""Pytest fixtures wrapping ``tests/helpers/fixtures.py`` (see its docstring for what gets built).
 
 Session fixtures (built lazily, cached for the whole session; treat the directories as read-only):
 
@@ -28,7 +28,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -38,9 +37,7 @@ import torch  # noqa: E402
 # crawling through OpenMP threads that wait on each other.
 torch.set_num_threads(1)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import fixtures as fx  # noqa: E402
+from tests.helpers import fixtures as fx  # noqa: E402
 
 
 class _FamilyDirs:

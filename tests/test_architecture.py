@@ -1,11 +1,11 @@
-"""The package's architecture (``tests/architecture.py``): no import loops, the layering below, small modules
+"""The package's architecture (``tests/helpers/architecture.py``): no import loops, the layering below, small modules
 and functions, no public bool flags in the engine; and the checker's own tests on a small package."""
 
 import textwrap
 
 import pytest
 
-import architecture as arch
+from tests.helpers import architecture as arch
 
 # Lowest first: a module may import its own layer or lower ones only (ARCHITECTURE.md draws the same house).
 LAYERS = [

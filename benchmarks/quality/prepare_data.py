@@ -18,13 +18,11 @@ import csv
 import io
 import json
 import random
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "src"))
+from iteris.assets import package_dir, smollm2_dir
 
-from iteris.assets import package_dir, smollm2_dir  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 SIZES = {"train": 800, "calibration": 50, "val": 100, "test": 200}
 SEED = 0

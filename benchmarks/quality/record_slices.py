@@ -2,22 +2,19 @@
 
     python benchmarks/quality/record_slices.py            # writes results/slice_scores.json
 
-tests/test_shipped_adapters.py scores the same slices and must find the same numbers: the adapters, the
+tests/e2e/test_shipped_adapters.py scores the same slices and must find the same numbers: the adapters, the
 task files and the scoring code have not drifted from what the benchmark's tables were made with.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from iteris.assets import smollm2_dir
+from iteris.evaluate import evaluate
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "src"))
-
-from iteris.assets import smollm2_dir  # noqa: E402
-from iteris.evaluate import evaluate  # noqa: E402
-
 SLICE = 8
 OUT = HERE / "results" / "slice_scores.json"
 

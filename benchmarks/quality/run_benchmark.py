@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "src"))
+import iteris
+from iteris.assets import minilm_dir, smollm2_dir
+from iteris.evaluate import evaluate, format_table, write_results
 
-import iteris  # noqa: E402
-from iteris.assets import minilm_dir, smollm2_dir  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 # family -> base model, calibration and evaluation files, and merge options
 FAMILIES = {
@@ -29,7 +28,6 @@ FAMILIES = {
     "minilm": {"base": minilm_dir, "calibration": "classify_calibration.jsonl", "eval": "classify_{split}.jsonl",
                "merge": {"modules_to_save": "per_adapter"}, "metric": "accuracy"},
 }
-from iteris.evaluate import evaluate, format_table, write_results  # noqa: E402
 
 DEFAULT_METHODS = {
     "task_arithmetic": {"scale": 1.0},

@@ -14,17 +14,15 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "src"))
+from iteris.assets import minilm_dir, smollm2_dir
+from iteris.families.loading import load_tokenizer
 
-from iteris.assets import minilm_dir, smollm2_dir  # noqa: E402
-from iteris.families.loading import load_tokenizer  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # the encoder's attention and feed-forward linears; not the pooler, whose output only the task heads read

@@ -6,13 +6,13 @@ import pytest
 import torch
 from peft import PeftModel
 
-import fixtures as fx
 import iteris
 from iteris.families.loading import load_tokenizer
 from iteris.cli import main
 from iteris.evaluate import evaluate, score
 from iteris.metrics import exact_match, normalize_answer, rouge_l
-from test_reference import _config
+from tests.helpers import fixtures as fx
+from tests.helpers.merging import float64_config as _config
 
 
 def test_text_metrics_by_hand():

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from transformers.pytorch_utils import Conv1D
 
-import fixtures as fx
+from tests.helpers import fixtures as fx
 
 F64 = torch.float64
 

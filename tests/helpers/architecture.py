@@ -8,8 +8,8 @@ An edge ``a -> b`` is any import of ``b`` anywhere in ``a``, function bodies inc
 ``if TYPE_CHECKING:`` are not runtime edges: ``typing_graph`` reports them apart. Only the imported
 module counts, not the packages above it that Python also initialises.
 
-    python tests/architecture.py [ROOT]          # summary of ROOT (default: the iteris package)
-    python tests/architecture.py --git c3793a1   # summary of src/iteris as of that commit
+    python tests/helpers/architecture.py [ROOT]          # summary of ROOT (default: the iteris package)
+    python tests/helpers/architecture.py --git c3793a1   # summary of src/iteris as of that commit
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 PACKAGE = "iteris"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def default_root() -> Path:

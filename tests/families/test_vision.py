@@ -9,10 +9,10 @@ import torch
 import transformers as T
 from PIL import Image
 
-import fixtures as fx
 import iteris
 from iteris.errors import IterisError
-from reference import dense_iteris
+from tests.helpers import fixtures as fx
+from tests.helpers.reference import dense_iteris
 
 F64 = torch.float64
 BATCH = 2

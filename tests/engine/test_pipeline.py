@@ -7,11 +7,11 @@ import torch
 from peft import PeftModel
 from transformers.pytorch_utils import Conv1D
 
-import fixtures as fx
 import iteris
 from iteris.engine import Engine
 from iteris.engine.inject import DeltaInjector
-from test_reference import _config
+from tests.helpers import fixtures as fx
+from tests.helpers.merging import float64_config as _config
 
 
 def _inputs(tok, family):

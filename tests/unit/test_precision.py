@@ -89,7 +89,7 @@ def test_split_statistics_are_as_close_to_float64_as_float32_casts(monkeypatch, 
     """A bf16 model's merge with float32 statistics: the projected cross terms through split products land
     as close to the float64-statistics answer as through float32 copies (same injector in all three)."""
     import iteris
-    from test_reference import _config, _rel
+    from tests.helpers.merging import float64_config as _config, rel as _rel
 
     base = tiny_family_dir("llama")
     adapters = adapters_for("llama", 2)

@@ -18,10 +18,10 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
-import fixtures as fx
 import iteris
 from iteris.adapters import check_compatible, load_adapter
 from iteris.deltas import DenseDelta, LowRankDelta, relative_change, svd_factors
+from tests.helpers import fixtures as fx
 
 F64 = torch.float64
 

@@ -9,7 +9,6 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-import fixtures as fx
 import iteris
 from iteris.engine import layers as engine_layers
 from iteris.adapters import load_adapter
@@ -17,7 +16,8 @@ from iteris.engine.inject import DeltaInjector
 from iteris.engine.layers import find_groups, token_rows
 from iteris.engine.forward import Batch
 from iteris.families.text import _cut_after_stop, _stop_ids
-from test_reference import _config
+from tests.helpers import fixtures as fx
+from tests.helpers.merging import float64_config as _config
 
 
 def test_overriding_a_tied_weight_leaves_its_partner_alone(tiny_family_dir, tmp_path):

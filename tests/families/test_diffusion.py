@@ -10,11 +10,11 @@ import yaml
 from safetensors import safe_open
 
 import iteris
-import pipeline_fixtures as pf
-import reference
 from iteris.families.diffusion import _prompt_batches, record_calls, recorded_steps
 from iteris.families.diffusion_lora import read_lora
 from iteris.errors import IterisError
+from tests.helpers import pipeline_fixtures as pf
+from tests.helpers import reference
 
 pytest.importorskip("diffusers")
 F64 = torch.float64

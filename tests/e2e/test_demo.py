@@ -45,7 +45,7 @@ def test_real_demo_without_adapters_says_how_to_get_them(tmp_path, monkeypatch):
         demo.shipped_assets(samples=2, limit=2)
 
 
-QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
+QUALITY = Path(__file__).resolve().parents[2] / "benchmarks" / "quality"
 
 
 def test_package_demo_assets_are_the_benchmarks_files():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-import fixtures as fx
+from tests.helpers import fixtures as fx
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out")  # proj_*: 1x1 convolutions
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import iteris
 from iteris import IterisError
-from fixtures import run_cli
+from tests.helpers.fixtures import run_cli
 
 YAML = """\
 base_model: base

@@ -16,8 +16,8 @@ import torch
 from peft import PeftModel
 from transformers.pytorch_utils import Conv1D
 
-import fixtures as fx
 import iteris
+from tests.helpers import fixtures as fx
 
 F64 = torch.float64
 FULL_RANK = 64  # >= min(d_out, d_in) of every layer of the tiny models

@@ -2,19 +2,16 @@
 the independent float64 reference, or the benchmark would time the wrong thing."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import fixtures as fx
-import reference as ref
+from benchmarks import official_approach
 from iteris.adapters import load_adapter
+from tests.helpers import fixtures as fx
+from tests.helpers import reference as ref
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import official_approach  # noqa: E402
 
 
 class _FixedIds:

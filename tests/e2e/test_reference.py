@@ -1,41 +1,19 @@
-"""iteris against the independent float64 reference (tests/reference.py) on tiny models of four families."""
+"""iteris against the independent float64 reference (tests/helpers/reference.py) on tiny models of four families."""
 
 import json
 
 import pytest
-import torch
 
 import iteris
-from iteris.families.loading import load_tokenizer
-import reference as ref
 from iteris.deltas import LowRankDelta
+from iteris.families.loading import load_tokenizer
+from tests.helpers import reference as ref
+from tests.helpers.merging import float64_config as _config, rel as _rel
 
 
 def _samples(path):
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [(r["text"], r.get("target")) for r in rows]
-
-
-def _config(base, adapters, data, method="iteris", parameters=None, weights=None, **extra):
-    weights = weights or [1.0] * len(adapters)
-    return {
-        "base_model": str(base),
-        "method": method,
-        "parameters": parameters or {},
-        "dtype": "float64",
-        "device": "cpu",
-        "calibration": {"samples": 100, "batch_size": 3, "stats_dtype": "float64", "max_length": 64},
-        "adapters": [
-            {"name": f"t{i}", "path": str(a), "data": str(d), "weight": w}
-            for i, (a, d, w) in enumerate(zip(adapters, data, weights))
-        ],
-        "progress": False,
-        **extra,
-    }
-
-
-def _rel(a, b):
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
 CASES = [

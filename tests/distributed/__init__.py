@@ -1,0 +1,1 @@
+"""Several processes, one merge (gloo on the CPU)."""

@@ -1,0 +1,1 @@
+"""Model families: image models and text-to-image pipelines."""
