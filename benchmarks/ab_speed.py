@@ -23,12 +23,12 @@ import speed
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_old(src: Path):
-    """The older tree's package under the name ``iteris_old`` (its imports are relative)."""
-    spec = importlib.util.spec_from_file_location("iteris_old", src / "iteris" / "__init__.py",
+def load_old(src: Path, name: str = "iteris_old"):
+    """An older tree's package under another name (its imports are relative)."""
+    spec = importlib.util.spec_from_file_location(name, src / "iteris" / "__init__.py",
                                                   submodule_search_locations=[str(src / "iteris")])
     module = importlib.util.module_from_spec(spec)
-    sys.modules["iteris_old"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -86,26 +86,34 @@ def relative_difference(a: dict, b: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--old", required=True, help="the older tree's src/ directory")
+    parser.add_argument("--old", required=True, action="append",
+                        help="NAME=DIR: an older tree's src/ directory, timed as NAME (repeatable; DIR alone: 'old')")
     parser.add_argument("--size", default="8b")
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--settings", default="global,global0,sequential",
+                        help="which of global (alpha1 = alpha2 = 1e-7), global0 (alpha1 = 0), sequential")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    load_old(Path(args.old))
-    versions = {"new": version_api("iteris"), "old": version_api("iteris_old")}
+    versions = {"new": version_api("iteris")}
+    for entry in args.old:
+        name, _, folder = entry.rpartition("=")
+        name = name or "old"
+        load_old(Path(folder), f"iteris_{name}")
+        versions[name] = version_api(f"iteris_{name}")
     model = speed.build_model(args.size, DEVICE)
     adapters = speed.make_adapters(model, args.adapters)
     samples = speed.make_samples(args.adapters, args.samples, args.tokens)
     inputs = {v: convert(adapters, samples, api) for v, api in versions.items()}
-    settings = [
-        ("global, alpha1=alpha2=1e-7", {"iterations": args.iterations, "alpha1": 1e-7, "alpha2": 1e-7}),
-        ("global, alpha1=0", {"iterations": args.iterations, "alpha1": 0.0, "alpha2": 1e-7}),
-        ("sequential", {"schedule": "sequential", "alpha1": 1e-7, "alpha2": 1e-7}),
-    ]
+    known = {
+        "global": ("global, alpha1=alpha2=1e-7", {"iterations": args.iterations, "alpha1": 1e-7, "alpha2": 1e-7}),
+        "global0": ("global, alpha1=0", {"iterations": args.iterations, "alpha1": 0.0, "alpha2": 1e-7}),
+        "sequential": ("sequential", {"schedule": "sequential", "alpha1": 1e-7, "alpha2": 1e-7}),
+    }
+    settings = [known[k] for k in args.settings.split(",")]
     for v, api in versions.items():  # untimed: kernels loaded, caches warm, for both
         a, s = inputs[v]
         timed(api, model, a, [t[:2] for t in s], {"iterations": 1})
@@ -113,16 +121,17 @@ def main() -> None:
     out = Path(args.out) if args.out else None
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(f"{args.size}, {args.adapters} adapters x {args.samples} x {args.tokens} tokens, {card}")
-    print("rep | setting | version | wall s | capture s | solve s | peak GB | rel. diff new vs old")
+    print("rep | setting | version | wall s | capture s | solve s | peak GB | rel. diff to new")
+    names = list(versions)
     for rep in range(args.reps):
-        order = ["old", "new"] if rep % 2 == 0 else ["new", "old"]
+        order = names[::-1] if rep % 2 == 0 else names  # each version first as often as last
         for label, params in settings:
             runs = {}
             for v in order:
                 a, s = inputs[v]
                 runs[v] = timed(versions[v], model, a, s, params)
-            diff = relative_difference(runs["new"]["deltas"], runs["old"]["deltas"]) if rep == 0 else None
             for v in order:
+                diff = relative_difference(runs[v]["deltas"], runs["new"]["deltas"]) if rep == 0 else None
                 r = {k: x for k, x in runs[v].items() if k != "deltas"}
                 rows.append({"rep": rep, "setting": label, "version": v, **r, "relative_difference": diff})
                 print(f"{rep} | {label} | {v} | {r['wall_s']:.1f} | {r['capture_s']:.1f} | {r['solve_s']:.2f} | "
@@ -135,7 +144,7 @@ def main() -> None:
     for label, _ in settings:
         mean = {v: sum(r["wall_s"] for r in rows if r["setting"] == label and r["version"] == v)
                 / max(1, sum(1 for r in rows if r["setting"] == label and r["version"] == v)) for v in versions}
-        print(f"{label}: new/old wall = {mean['new'] / mean['old']:.3f}")
+        print(f"{label}: " + ", ".join(f"new/{v} wall = {mean['new'] / mean[v]:.3f}" for v in names[1:]))
 
 
 if __name__ == "__main__":

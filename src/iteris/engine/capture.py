@@ -37,6 +37,8 @@ class StatsCollector:
         self.group_of = {m: g.name for g in groups for m in g.members}
         self.group_by_name = {g.name: g for g in groups}
         self.spec = CaptureSpec()
+        self._paired = self._cross = False
+        self._row_mode: str | None = None
         self.active: set[str] = set()
         # group -> (members, their ranks, their A stacked, A's exact bf16 parts or None)
         self.projections: dict[str, tuple[list[str], list[int], torch.Tensor, tuple | None]] = {}
@@ -65,9 +67,6 @@ class StatsCollector:
     def device_of(self, group: str) -> torch.device:
         return self.layers[group].weight.device
 
-    def _rows(self, module, x: torch.Tensor, where: str) -> torch.Tensor:
-        return token_rows(channels_last(module, x), self._batch, where)
-
     def _input_hook(self, group: LayerGroup):
         def pre_hook(module, args):
             if self._mode is None:
@@ -76,7 +75,7 @@ class StatsCollector:
                 raise StopForward
             if group.name not in self.active:
                 return
-            rows = self._rows(module, args[0], group.name)
+            rows = token_rows(channels_last(module, args[0]), self._batch, group.name)
             if self._mode == "stash":
                 self._stash.setdefault(group.name, []).append(rows)
             elif self._mode == "single" or self._recall is not None:
@@ -106,7 +105,7 @@ class StatsCollector:
         def hook(module, args, output):
             if not self.spec.out_norms or self._mode not in ("single", "stash") or group not in self.active:
                 return None
-            rows = self._rows(module, output, name)
+            rows = token_rows(channels_last(module, output), self._batch, name)
             rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
             bias = getattr(module, "bias", None)
             if bias is not None:  # the weight's share of the output: ||X W^T||, as the adaptive weight is defined
@@ -125,11 +124,11 @@ class StatsCollector:
         else:
             # half-precision rows stay so (exact; a later Gram of them takes the half-precision GEMM path)
             parts["mixed"].append(self._keep(mixed))
-            if self.spec.accumulates_cross:
+            if self._cross:
                 parts["own"].append(self._keep(own))
         st.tokens += mixed.shape[0]
         projection = self.projections.get(group.name)
-        if not self.spec.paired:
+        if not self._paired:
             # cross terms are the Gram itself; projections are taken from it at the end
             if self._remember is not None and projection is not None:
                 self._remember.setdefault(group.name, []).append(self._store(self._project(projection, own)))
@@ -142,7 +141,7 @@ class StatsCollector:
     def _target(self, group: LayerGroup, new_rows: int) -> tuple[GroupStats, dict | None]:
         """The group's statistics, and its kept rows while rows are kept rather than a Gram."""
         st = self._stats.get(group.name)
-        mode = self.spec.row_mode
+        mode = self._row_mode
         if st is None:
             st = self.blank()
             self._stats[group.name] = st
@@ -214,6 +213,8 @@ class StatsCollector:
         that many stay below d_in.
         """
         self.spec = spec
+        # (read by the hooks on every call: plain attributes)
+        self._paired, self._cross, self._row_mode = spec.paired, spec.accumulates_cross, spec.row_mode
         self._store = store or in_place
         self._stats = {}
         self.out_sq = {}

@@ -8,16 +8,16 @@ import contextlib
 import torch
 from torch import nn
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..deltas import DenseDelta, LoraModule, LowRankDelta
 from ..precision import split_left_factor, split_mm, split_right_factor, split_rows, splits_bf16
 from .layers import is_pointwise_conv
 
 
-@dataclass(frozen=True)
-class Variant:
-    """Which model the base model acts as: adapter ``task``'s own (``own(i)``) or the merged one (``MERGED``)."""
+class Variant(NamedTuple):
+    """Which model the base model acts as: adapter ``task``'s own (``own(i)``) or the merged one (``MERGED``).
+    (A tuple: it keys the injector's variants at every block call, and hashes at C speed.)"""
 
     kind: str
     task: int | None = None
