@@ -17,6 +17,7 @@ from .engine.inject import DeltaInjector, own
 from .engine.layers import check_layer_shapes, resolve_layers
 from .engine.ranks import from_environment
 from .errors import IterisError
+from .families.base import Job
 from .families.choose import family_for
 from .families.transformers import MergeResult
 from .methods import get_method
@@ -48,7 +49,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     family.check(cfg)
     if out is not None:
         check_output_dir(out, force, cfg.inputs())
-    job = family(cfg, spec, params, weights, ranks)  # everything loaded and checked
+    job: Job = family(cfg, spec, params, weights, ranks)  # everything loaded and checked
     merged, errors = {}, {}
     try:
         job.report["timings"]["load"] = time.perf_counter() - t0

@@ -10,7 +10,6 @@ merged model receives the merged text encoders' conditioning for the same prompt
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import time
 from dataclasses import asdict, dataclass
@@ -319,8 +318,8 @@ class PipelineJob:
         except BaseException:
             self.close()
             raise
-        options = dataclasses.replace(EngineOptions.of(self.cfg.calibration, self.device, progress=self.cfg.progress),
-                                      batch_size=1)  # (recorded calls run one at a time)
+        options = EngineOptions.of(self.cfg.calibration, self.device, progress=self.cfg.progress,
+                                   batch_size=1)  # (recorded calls run one at a time)
         for unit in self.units:
             unit.options, unit.batcher = options, token_batcher(0, self.device)
 
