@@ -9,7 +9,7 @@ from .engine import Engine, EngineOptions, GroupSolve, Sweeps
 from .layers import LayerGroup
 from .spec import CaptureSpec
 from .stats import GroupStats
-from .walk import GlobalSweep, SequentialSweep
+from .walk import GlobalSweep, MergedInputSweep, SequentialSweep
 
 __all__ = ["CaptureSpec", "Engine", "EngineOptions", "GlobalSweep", "GroupSolve", "GroupStats", "LayerGroup",
-           "SequentialSweep", "Sweeps"]
+           "MergedInputSweep", "SequentialSweep", "Sweeps"]

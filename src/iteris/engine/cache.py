@@ -36,3 +36,9 @@ class HiddenStates:
         for calls in self.own + self.merged:
             for call in calls:
                 call.hidden = self.store(call.hidden)
+
+    def merged_as_own(self) -> HiddenStates:
+        """A view in which each adapter's own model starts from the merged model's states (the same tensors)."""
+        view = HiddenStates(offload=False)
+        view.store, view.own = self.store, self.merged
+        return view

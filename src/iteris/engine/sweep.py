@@ -91,17 +91,17 @@ class Sweep:
 
     # ------------------------------------------------------------------------------------ block by block
 
-    def open_states(self) -> HiddenStates:
-        """What the first block receives for every batch, in each adapter's own model (unless remembered
-        rows stand in for it) and, for a paired sweep, in the merged model."""
+    def open_states(self, kinds: tuple[Advance, ...]) -> HiddenStates:
+        """What the first block receives for every batch, in each adapter's own model and in the merged
+        model (those of ``kinds``)."""
         e = self.engine
         start = time.perf_counter()
         states = HiddenStates(e.options.offload_states)
         for i, task in enumerate(self.task_batches):
-            if not self.recall:
+            if "own" in kinds:
                 with e.injector.use(own(i), e.own_overrides[i]):
                     states.own.append([first_block_call(e.model, e.stack, b) for b in task])
-            if self.spec.paired:
+            if "merged" in kinds:
                 with e.injector.use(MERGED, e.merged_overrides[i]):
                     states.merged.append([first_block_call(e.model, e.stack, b.for_merged()) for b in task])
         states.keep_all()

@@ -31,7 +31,7 @@ class GlobalSweep:
             engine.remembered = [[{} for _ in task] for task in sweep.task_batches]
             sweep.remember = engine.remembered
         sweep.recall = spec.paired and engine.remembered is not None and not spec.needs_own_models
-        states = sweep.open_states()
+        states = sweep.open_states(("merged",) if sweep.recall else ("own", "merged") if spec.paired else ("own",))
         sweep.overlap_solves()
         sweep.defer_sharing()
 
@@ -61,7 +61,7 @@ class SequentialSweep:
     def walk(self, sweep: Sweep) -> dict:
         engine = sweep.engine
         engine.set_merged({})
-        states = sweep.open_states()
+        states = sweep.open_states(("own", "merged"))
 
         def visit(block, groups: list[LayerGroup]) -> None:
             stages = [[g] for g in groups] or [[]]  # (a block with no target layer still moves the states on)
@@ -72,6 +72,39 @@ class SequentialSweep:
                 sweep.solve(stage, captured)
                 if stage:
                     engine.set_merged(sweep.result)
+            sweep.propagate(block, states)
+
+        return sweep.walk_blocks(visit)
+
+
+@dataclass(frozen=True)
+class MergedInputSweep:
+    """Block by block in depth order, each adapter's own block run on the merged model's input to it: its
+    layers' statistics are those of their inputs inside the adapter's block as the merged model feeds it
+    (RegMean++). The block's groups are solved together and installed before the merged states move on."""
+
+    spec: CaptureSpec
+
+    def __post_init__(self):
+        object.__setattr__(self, "spec", self.spec.replace(paired=False))  # the adapters' own blocks alone
+
+    def check(self, engine) -> None:
+        if not engine.walks_blocks:
+            raise IterisError(
+                f"this method runs each block on the merged model's input to it, and {type(engine.model).__name__} "
+                "does not run its target layers as one plain chain of blocks; use regmean"
+            )
+
+    def walk(self, sweep: Sweep) -> dict:
+        engine = sweep.engine
+        engine.set_merged({})
+        states = sweep.open_states(("merged",))
+        own_on_merged = states.merged_as_own()
+
+        def visit(block, groups: list[LayerGroup]) -> None:
+            sweep.solve(groups, sweep.capture(block, groups, own_on_merged, advance=()))
+            if groups:
+                engine.set_merged(sweep.result)
             sweep.propagate(block, states)
 
         return sweep.walk_blocks(visit)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine import CaptureSpec, GlobalSweep
+from ..engine import CaptureSpec, GlobalSweep, MergedInputSweep
 from ..errors import IterisError
 from ..solve import regmean_solve
 from .base import MergeContext, param, register
@@ -28,6 +28,25 @@ class RegMeanParams:
     per_layer_report=("singular_layers",),
 )
 def regmean(ctx: MergeContext):
+    return ctx.engine.sweep(GlobalSweep(CaptureSpec(projections=False)), _solve_groups(ctx), label="regmean")
+
+
+@register(
+    "regmean_plusplus",
+    RegMeanParams,
+    "RegMean++ (Nguyen et al., 2025): RegMean block by block in depth order, each block's inputs taken from the "
+    "merged blocks before it (exact, rank sum r_i)",
+    needs_calibration=True,
+    per_layer_report=("singular_layers",),
+)
+def regmean_plusplus(ctx: MergeContext):
+    return ctx.engine.sweep(MergedInputSweep(CaptureSpec(projections=False)), _solve_groups(ctx),
+                            label="regmean++")
+
+
+def _solve_groups(ctx: MergeContext):
+    """RegMean's solve of one layer group from each task's Gram."""
+
     def solve_group(group, stats):
         grams = [st.full_gram() for st in stats]
         weights = [w / float(st.tokens) if ctx.params.normalize else w for st, w in zip(stats, ctx.weights)]
@@ -38,4 +57,4 @@ def regmean(ctx: MergeContext):
                 ctx.report.setdefault("singular_layers", []).append(name)
         return out
 
-    return ctx.engine.sweep(GlobalSweep(CaptureSpec(projections=False)), solve_group, label="regmean")
+    return solve_group
