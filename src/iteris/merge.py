@@ -50,14 +50,8 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     if out is not None:
         check_output_dir(out, force, cfg.inputs())
     job: Job = family(cfg, spec, params, weights, ranks)  # everything loaded and checked
-    merged, errors = {}, {}
-    try:
-        job.report["timings"]["load"] = time.perf_counter() - t0
-        for unit in job.units:
-            job.before(unit, merged)
-            merged[unit.name], errors[unit.name] = run_unit(spec, params, weights, unit, cfg.rank, cfg.progress)
-    finally:
-        job.close()
+    job.report["timings"]["load"] = time.perf_counter() - t0
+    merged, errors = _run_units(job, spec, params, weights, cfg)
     result = job.finish(merged, errors, t0)
     if out is not None and (ranks is None or ranks.main):  # only rank 0 writes, once every rank has finished
         result.save(out, force=force)
@@ -66,6 +60,18 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
         del job, merged  # the model (sharded, it holds the process group) goes before the group does
         ranks.close()
     return result
+
+
+def _run_units(job: Job, spec, params, weights: list[float], cfg) -> tuple[dict, dict]:
+    """Each unit merged in turn (told of those merged before it); the units' hooks removed however it ends."""
+    merged, errors = {}, {}
+    try:
+        for unit in job.units:
+            job.before(unit, merged)
+            merged[unit.name], errors[unit.name] = run_unit(spec, params, weights, unit, cfg.rank, cfg.progress)
+    finally:
+        job.close()
+    return merged, errors
 
 
 @dataclass
@@ -129,4 +135,5 @@ def merge_loaded(
         report["calibration"] = {"walk": "blocks" if engine.walks_blocks else "model",
                                  "stats_dtype": str(unit.options.stats_dtype).replace("torch.", "")}
     deltas, _ = run_unit(spec, params, weights, unit, None, progress)
+    report["timings"]["to_cpu"] = report["timings"].pop("compress")  # (this report's name for it)
     return deltas, report

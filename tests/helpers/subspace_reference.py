@@ -15,9 +15,10 @@ def _polar(X):
     return u @ vh
 
 
-def tsv_m(updates, K, scale):
-    keep = int(K / len(updates))
-    parts = [_svd(W, keep) for W in updates]
+def tsv_m(updates, K, scale, ranks):
+    """``ranks``: each update's rank; every component is kept where they all fit in K (see subspace.tsv_merge)."""
+    keep = ranks if sum(ranks) <= K else [int(K / len(updates))] * len(updates)
+    parts = [_svd(W, k) for W, k in zip(updates, keep)]
     U = torch.cat([p[0] for p in parts], dim=1)
     S = torch.cat([p[1] for p in parts])
     V = torch.cat([p[2] for p in parts], dim=0)
@@ -32,8 +33,8 @@ def iso_c(updates, K, scale):
 def iso_cts(updates, K, scale, fraction):
     T = len(updates)
     common = int(K * fraction)
-    common = K - round((K - common) / T) * T
-    n = (K - common) // T
+    shared = min(round((K - common) / T) * T, K // T * T)
+    common, n = K - shared, shared // T
     u, s, vh = _svd(sum(updates), common)
     Us, Ss, Vs = [], [], []
     for W in updates:

@@ -26,14 +26,15 @@ def _merge(method, adapters, weights, params):
 
 
 @pytest.mark.parametrize("ranks, weights", [([2, 2, 2], [1.0, 1.0, 1.0]), ([3, 3], [1.0, 0.5]),
-                                            ([2, 2, 2, 2], [1.0, 2.0, 1.0, 0.5])])
+                                            ([2, 2, 2, 2], [1.0, 2.0, 1.0, 0.5]), ([2, 6], [1.0, 1.0]),
+                                            ([4, 4, 4], [1.0, 1.0, 1.0])])
 @pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
 def test_core_space_forms_equal_the_dense_ones(method, ranks, weights):
     adapters = _adapters(ranks)
     updates = [w * a.modules["layer"].delta(torch.float64) for a, w in zip(adapters, weights)]
     K = min(sum(ranks), 14, 11)
     expected = {
-        "tsv_m": lambda: ref.tsv_m(updates, K, 1.3),
+        "tsv_m": lambda: ref.tsv_m(updates, K, 1.3, ranks),
         "iso_c": lambda: ref.iso_c(updates, K, 1.3),
         "iso_cts": lambda: ref.iso_cts(updates, K, 1.3, 0.8),
     }[method]()
@@ -65,3 +66,14 @@ def test_tsv_m_of_orthogonal_tasks_is_their_sum():
     delta = _merge("tsv_m", adapters, [1.0, 1.0], {})
     total = sum(a.modules["layer"].delta(torch.float64) for a in adapters)
     torch.testing.assert_close(delta.B.double() @ delta.A.double(), total, rtol=0, atol=1e-5)
+
+
+def test_iso_cts_splits_any_core_size_without_a_negative_common_space():
+    """K = 7 over 2 tasks at a small common fraction: the task-specific share must fit in K."""
+    adapters = _adapters([3, 4])
+    updates = [a.modules["layer"].delta(torch.float64) for a in adapters]
+    for fraction in (0.0, 0.05, 0.1):
+        delta = _merge("iso_cts", adapters, [1.0, 1.0], {"common_space_fraction": fraction})
+        expected = ref.iso_cts(updates, 7, 1.0, fraction)  # one common direction, three of each task's
+        got = delta.B.double() @ delta.A.double()
+        assert float(torch.linalg.norm(got - expected) / torch.linalg.norm(expected)) < 1e-6, fraction

@@ -115,8 +115,6 @@ class Engine:
                 f"{type(model).__name__} does not run its target layers as one plain chain of blocks, so it "
                 "cannot be walked block by block; set calibration.walk: auto (or model)"
             )
-        self.collector = StatsCollector(layers, self.groups, options.stats_dtype)
-        self.exchange = StatsExchange(ranks, self.collector) if ranks is not None else None
         # blocks sharded over the processes (families/sharded.py): gathered per visit of the walk, which must walk them
         self.sharded = sharded
         self._weight_norms: dict[str, list[float]] | None = None
@@ -126,6 +124,9 @@ class Engine:
                                   "processes is only run that way; set calibration.shard: off")
             for block in sharding.fsdp_units(model):  # a probe that stopped inside a block left it gathered
                 sharding.release(block)
+        # (hooks last: nothing above may refuse the model once they are on it)
+        self.collector = StatsCollector(layers, self.groups, options.stats_dtype)
+        self.exchange = StatsExchange(ranks, self.collector) if ranks is not None else None
 
     def _on_model(self, overrides: dict) -> dict:
         """modules_to_save tensors moved once, not at every block call."""

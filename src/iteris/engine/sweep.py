@@ -159,6 +159,8 @@ class Sweep:
         per_task = []
         if self.exchange is not None and self.deferred is None:
             self.exchange.assign(stage)
+        # (a stage with no group runs the merged model only where its states move on)
+        run_merged = spec.paired and (bool(stage) or "merged" in advance)
         for i, task in enumerate(self.task_batches):
             e.collector.start([g.name for g in stage], self.proj[i], spec, stop_at=stop_at, store=states.store,
                               rows_tokens=e.total_tokens)
@@ -169,7 +171,7 @@ class Sweep:
                                                self.remember[i][j] if self.remember else None)
                     if "own" in advance:
                         call.hidden = states.store(out)
-                if spec.paired:
+                if run_merged:
                     call = states.merged[i][j]
                     out = e.collector.merged_pass(self._runner(block, call, MERGED, e.merged_overrides[i]), batch,
                                                   e.remembered[i][j] if self.recall else None)

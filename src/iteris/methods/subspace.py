@@ -52,15 +52,19 @@ def top_components(M: torch.Tensor, k: int):
 
 
 def tsv_merge(cores: list[torch.Tensor]) -> torch.Tensor:
-    """TSV-M: each task's top 1/T singular components side by side, their left and right singular vectors
-    each made orthonormal as a whole, the singular values kept."""
-    parts = [top_components(M, int(min(M.shape) / len(cores))) for M in cores]
+    """TSV-M: each task's top singular components side by side, their left and right singular vectors each
+    made orthonormal as a whole, the singular values kept. The authors keep 1/T of min(d_out, d_in) per task,
+    which for LoRAs is every component of every task: so here, wherever they fit in K (else 1/T of K each)."""
+    parts = [top_components(M, min(M.shape)) for M in cores]  # every component of every task, where they fit
+    if sum(len(s) for _, s, _ in parts) > min(cores[0].shape):
+        parts = [top_components(M, int(min(M.shape) / len(cores))) for M in cores]  # the authors' 1/T of each
     U, S, Vh = (torch.cat(x, dim=d) for x, d in zip(zip(*parts), (1, 0, 0)))
     return orthogonal_part(U) @ torch.diag(S) @ orthogonal_part(Vh.T).T
 
 
 def iso_c_merge(cores: list[torch.Tensor]) -> torch.Tensor:
-    """Iso-C: the sum of the updates with every singular value replaced by their mean."""
+    """Iso-C: the sum of the updates with every singular value replaced by their mean (over its nonzero ones:
+    where the updates cancel, no arbitrary direction is given weight)."""
     U, S, Vh = top_components(sum(cores), min(cores[0].shape))
     return S.mean() * (U @ Vh)
 
@@ -70,8 +74,8 @@ def iso_cts_merge(cores: list[torch.Tensor], common_fraction: float) -> torch.Te
     directions outside the common space, made orthonormal together, with one isotropic singular value."""
     K, T = min(cores[0].shape), len(cores)
     common = int(K * common_fraction)
-    common = K - round((K - common) / T) * T  # the task-specific share divides evenly among the tasks
-    per_task = (K - common) // T
+    shared = min(round((K - common) / T) * T, K // T * T)  # the task-specific share divides evenly among the tasks
+    common, per_task = K - shared, shared // T
     u_c, s_c, vh_c = top_components(sum(cores), common)
     parts = [top_components(M - u_c @ (u_c.T @ M), per_task) for M in cores] + [(u_c, s_c, vh_c)]
     U, S, Vh = (torch.cat(x, dim=d) for x, d in zip(zip(*parts), (1, 0, 0)))

@@ -25,11 +25,11 @@ def wudi_update(Bs: list[torch.Tensor], As: list[torch.Tensor], iterations: int,
     optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
     BtB = [B.T @ B for B in Bs]
     AAt = [A @ A.T for A in As]
-    norm_sq = [(G * H).sum() for G, H in zip(BtB, AAt)]  # ||B A||_F^2 = <B^T B, A A^T>
+    scales = [2.0 / float((G * H).sum()) for G, H in zip(BtB, AAt)]  # 2 / ||B A||_F^2 = 2 / <B^T B, A A^T>
     for _ in range(iterations):
         grad = torch.zeros_like(merged)
-        for B, A, G, H, n in zip(Bs, As, BtB, AAt, norm_sq):
-            grad.add_(((merged.detach() @ A.T - B @ H) @ G) @ A, alpha=2.0 / float(n))
+        for B, A, G, H, c in zip(Bs, As, BtB, AAt, scales):
+            grad.add_(((merged.detach() @ A.T - B @ H) @ G) @ A, alpha=c)
         merged.grad = grad
         optimizer.step()
     return merged.detach()
