@@ -13,7 +13,6 @@ from .config import CalibrationConfig, load_config, with_overrides
 from .deltas import LowRankDelta
 from .engine import EngineOptions
 from .engine.forward import TokenSample, input_device, token_batcher
-from .engine.inject import DeltaInjector, own
 from .engine.layers import check_layer_shapes, resolve_layers
 from .engine.ranks import from_environment
 from .errors import IterisError
@@ -121,13 +120,10 @@ def merge_loaded(
     report: dict = {"method": spec.name, "parameters": asdict(params), "timings": {}}
     unit = Unit(name="", adapters=adapters, report=report, device=device)
     if spec.needs_calibration:
-        unit.model, unit.layers, unit.samples = model, layers, samples
-        unit.injector = DeltaInjector(model, layers)
-        unit.batcher = token_batcher(pad_id, device)
+        unit.samples, unit.batcher = samples, token_batcher(pad_id, device)
         unit.options = EngineOptions.of(cal, device, progress=progress)
         try:
-            for i, adapter in enumerate(adapters):
-                unit.injector.set_variant(own(i), adapter.modules)
+            unit.inject(model, layers)
             engine = unit.build_engine()
         except BaseException:
             unit.close()

@@ -17,7 +17,7 @@ from .adapters import LoraAdapter, target_modules
 from .deltas import DenseDelta, LowRankDelta
 from .engine import Engine, EngineOptions
 from .engine.forward import Batcher
-from .engine.inject import DeltaInjector
+from .engine.inject import DeltaInjector, own
 from .finite import check_deltas
 from .methods import MergeContext, MethodSpec
 
@@ -48,6 +48,13 @@ class Unit:
 
     def loras(self, name: str) -> list:
         return [a.modules.get(name) for a in self.adapters]
+
+    def inject(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
+        """The model and its target layers, with a hook that makes it each adapter's own model on demand."""
+        self.model, self.layers = model, layers
+        self.injector = DeltaInjector(model, layers)
+        for i, adapter in enumerate(self.adapters):
+            self.injector.set_variant(own(i), adapter.modules)
 
     def build_engine(self) -> Engine:
         self.engine = Engine(self.model, self.layers, self.injector, self.adapters, self.samples, self.batcher,

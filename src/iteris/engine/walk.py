@@ -11,6 +11,13 @@ from .spec import CaptureSpec
 from .sweep import Sweep
 
 
+def _require_blocks(engine, why: str, instead: str) -> None:
+    """Schedules that visit blocks one by one refuse models that are not a plain chain of blocks."""
+    if not engine.walks_blocks:
+        raise IterisError(f"{why}, and {type(engine.model).__name__} does not run its target layers as one plain "
+                          f"chain of blocks; use {instead}")
+
+
 @dataclass(frozen=True)
 class GlobalSweep:
     """The paper's schedule: the merged model stays as set for the whole sweep; every block's groups are one
@@ -52,11 +59,7 @@ class SequentialSweep:
         object.__setattr__(self, "spec", self.spec.replace(paired=True))  # every stage pairs with the merged model
 
     def check(self, engine) -> None:
-        if not engine.walks_blocks:
-            raise IterisError(
-                f"the sequential schedule walks the model block by block, and {type(engine.model).__name__} does not "
-                "run its target layers as one plain chain of blocks; use schedule: global"
-            )
+        _require_blocks(engine, "the sequential schedule walks the model block by block", "schedule: global")
 
     def walk(self, sweep: Sweep) -> dict:
         engine = sweep.engine
@@ -89,11 +92,7 @@ class MergedInputSweep:
         object.__setattr__(self, "spec", self.spec.replace(paired=False))  # the adapters' own blocks alone
 
     def check(self, engine) -> None:
-        if not engine.walks_blocks:
-            raise IterisError(
-                f"this method runs each block on the merged model's input to it, and {type(engine.model).__name__} "
-                "does not run its target layers as one plain chain of blocks; use regmean"
-            )
+        _require_blocks(engine, "this method runs each block on the merged model's input to it", "regmean")
 
     def walk(self, sweep: Sweep) -> dict:
         engine = sweep.engine

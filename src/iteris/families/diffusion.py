@@ -304,9 +304,7 @@ class PipelineJob:
         calls = self.calls = {u.name: [] for u in self.units}  # per adapter: (prompt batch, position in step, call)
         try:
             for unit in self.units:
-                unit.injector = DeltaInjector(unit.model, unit.layers)
-                for i, a in enumerate(unit.adapters):
-                    unit.injector.set_variant(own(i), a.modules)
+                unit.inject(unit.model, unit.layers)
             for i in range(len(self.cfg.adapters)):
                 with contextlib.ExitStack() as stack:
                     for unit in self.units:

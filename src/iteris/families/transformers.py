@@ -18,7 +18,7 @@ from ..data import load_records, select_samples
 from ..deltas import LowRankDelta
 from ..engine import EngineOptions
 from ..engine.forward import input_device, token_batcher
-from ..engine.inject import DeltaInjector, own
+from ..engine.inject import own
 from ..engine.layers import check_layer_shapes, resolve_layers
 from ..errors import IterisError
 from ..finite import NonFiniteOutputs, check_deltas
@@ -202,12 +202,9 @@ class ModelJob:
         for spec, s in zip(cfg.adapters, samples):
             if not s:
                 raise IterisError(f"adapter '{spec.name}': no calibration sample survived tokenisation")
-        unit.model, unit.layers, unit.ranks = model, layers, self.ranks
-        unit.own_overrides, unit.merged_overrides = own_heads, merged_heads
-        unit.injector = DeltaInjector(model, layers)
+        unit.ranks, unit.own_overrides, unit.merged_overrides = self.ranks, own_heads, merged_heads
         try:
-            for i, adapter in enumerate(self.adapters):
-                unit.injector.set_variant(own(i), adapter.modules)
+            unit.inject(model, layers)
             unit.samples = samples if images else self._complete(unit, tokenizer, samples, device)
             unit.batcher = vision.image_batcher(pad_id, device) if images else token_batcher(pad_id, device)
             unit.options = EngineOptions.of(cfg.calibration, device, progress=cfg.progress)

@@ -17,19 +17,19 @@ import torch
 from ..deltas import LowRankDelta
 from ..errors import IterisError
 from .base import MergeContext, param, register
+from .subspace import weighted_factors
 
 SUPPORT = 1e-5  # singular values at or below this are no part of the shared basis (the authors' threshold)
 
 
 def aligned_tasks(loras: list, weights: list[float], device: str):
     """(U, [S V_i^T]): the shared output basis of the weighted updates and each task in it, in float64."""
-    to = {"device": device, "dtype": torch.float64}
-    B = torch.cat([(w * lora.scale) * lora.B.to(**to) for lora, w in zip(loras, weights)], dim=1)
-    Q, R = torch.linalg.qr(B)
+    Bs, As = weighted_factors(loras, weights, device)
+    Q, R = torch.linalg.qr(torch.cat(Bs, dim=1))
     blocks, start = [], 0
-    for lora in loras:
-        blocks.append(R[:, start:start + lora.rank] @ lora.A.to(**to))  # R_i A_i: task i's columns of R D
-        start += lora.rank
+    for A in As:
+        blocks.append(R[:, start:start + A.shape[0]] @ A)  # R_i A_i: task i's columns of R D
+        start += A.shape[0]
     u, s, vh = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)
     keep = s > SUPPORT
     u, s, vh = u[:, keep], s[keep], vh[keep]

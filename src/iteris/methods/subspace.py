@@ -21,13 +21,17 @@ from ..errors import IterisError
 from .base import MergeContext, param, register
 
 
+def weighted_factors(loras: list, weights: list[float], device: str, dtype=torch.float64):
+    """([w_i s_i B_i], [A_i]): each weighted update as its two factors, on ``device`` in ``dtype``."""
+    to = {"device": device, "dtype": dtype}
+    return [(w * lora.scale) * lora.B.to(**to) for lora, w in zip(loras, weights)], [lora.A.to(**to) for lora in loras]
+
+
 def core_space(loras: list, weights: list[float], device: str):
     """(Q_B, Q_A, [M_i]): each weighted update w_i s_i B_i A_i = Q_B M_i Q_A^T, in float64."""
-    to = {"device": device, "dtype": torch.float64}
-    B = torch.cat([(w * lora.scale) * lora.B.to(**to) for lora, w in zip(loras, weights)], dim=1)
-    A = torch.cat([lora.A.to(**to) for lora in loras], dim=0)
-    Q_B, R_B = torch.linalg.qr(B)
-    Q_A, R_A = torch.linalg.qr(A.T)
+    Bs, As = weighted_factors(loras, weights, device)
+    Q_B, R_B = torch.linalg.qr(torch.cat(Bs, dim=1))
+    Q_A, R_A = torch.linalg.qr(torch.cat(As, dim=0).T)
     cores, start = [], 0
     for lora in loras:
         cols = slice(start, start + lora.rank)

@@ -17,6 +17,7 @@ import torch
 from ..deltas import DenseDelta
 from ..errors import IterisError
 from .base import MergeContext, param, register
+from .subspace import weighted_factors
 
 
 def wudi_update(Bs: list[torch.Tensor], As: list[torch.Tensor], iterations: int, lr: float) -> torch.Tensor:
@@ -54,10 +55,8 @@ def wudi(ctx: MergeContext):
     out = {}
     for name in ctx.targets:
         pairs = [(lora, w) for lora, w in zip(ctx.loras(name), ctx.weights) if lora is not None]
-        dtype = torch.promote_types(pairs[0][0].A.dtype, torch.float32)
-        to = {"device": ctx.device, "dtype": dtype}
-        Bs = [(w * lora.scale) * lora.B.to(**to) for lora, w in pairs]
-        As = [lora.A.to(**to) for lora, _ in pairs]
+        dtype = torch.promote_types(pairs[0][0].A.dtype, torch.float32)  # (the authors' float32; float64 stays)
+        Bs, As = weighted_factors([l for l, _ in pairs], [w for _, w in pairs], ctx.device, dtype)
         with torch.enable_grad():  # (Adam's step reads no graph, but the merge runs under no_grad)
             out[name] = DenseDelta(D=wudi_update(Bs, As, ctx.params.iterations, ctx.params.lr).cpu())
     return out
