@@ -97,6 +97,8 @@ def run_method(spec: MethodSpec, ctx: MergeContext, report: dict) -> dict:
     if ctx.engine is not None:
         report["timings"]["capture"] = ctx.engine.capture_seconds
         report["timings"]["solve"] = ctx.engine.solve_seconds
+        if ctx.engine.fit_seconds:
+            report["timings"]["fit"] = ctx.engine.fit_seconds
     report.update(ctx.report)
     return raw
 

@@ -21,6 +21,10 @@ class BlockCall:
 
     @torch.no_grad()
     def run(self, block: nn.Module, hidden: torch.Tensor):
+        return self.forward(block, hidden)
+
+    def forward(self, block: nn.Module, hidden: torch.Tensor):
+        """The block's output, with autograd where the caller has it on (a block-level fit)."""
         out = block(hidden, *self.args, **self.kwargs) if self.args is not None else block(**{**self.kwargs, "hidden_states": hidden})
         return out[0] if isinstance(out, (tuple, list)) else out
 

@@ -61,6 +61,8 @@ class Sweeps(Protocol):
     """What a method sees of the engine (``MergeContext.engine``)."""
 
     capture_seconds: float
+    fit_seconds: float
+    walks_blocks: bool  # the model runs as a plain chain of blocks (the schedules that visit blocks can run)
     solve_seconds: float
 
     def sweep(self, schedule, solve: GroupSolve, label: str = "") -> dict[str, Delta]: ...
@@ -94,6 +96,8 @@ class Engine:
         self.gpus = sorted({p.device for p in model.parameters() if p.is_cuda}, key=str)
         self.capture_seconds = 0.0
         self.solve_seconds = 0.0
+        self.fit_seconds = 0.0  # block-level fits (DistilledSweep)
+        self.merged_deltas: dict[str, Delta] = {}  # what the merged variant holds now
         n = len(adapters)
         self.own_overrides = [self._on_model(o) for o in (own_overrides or [{}] * n)]
         self.merged_overrides = [self._on_model(o) for o in (merged_overrides or [{}] * n)]
@@ -160,6 +164,7 @@ class Engine:
         return [weight_norm_sq(base, lora, base_sq) for lora in loras]
 
     def set_merged(self, deltas: dict[str, Delta]) -> None:
+        self.merged_deltas = deltas
         self.injector.set_variant(MERGED, deltas)
 
     def projections(self, task: int) -> dict[str, dict[str, torch.Tensor]]:

@@ -91,6 +91,13 @@ class DeltaInjector:
 
     def set_variant(self, key: Variant, updates: dict[str, LoraModule | LowRankDelta | DenseDelta]) -> None:
         """Register a variant's updates; tensors move to each layer's device once, here."""
+        self.variants[key] = self._prepare(updates)
+
+    def update_variant(self, key: Variant, updates: dict[str, LoraModule | LowRankDelta | DenseDelta]) -> None:
+        """Replace some layers' updates of a registered variant (a block-level fit, once per step)."""
+        self.variants[key] = {**self.variants[key], **self._prepare(updates)}
+
+    def _prepare(self, updates: dict[str, LoraModule | LowRankDelta | DenseDelta]) -> dict[str, tuple]:
         prepared = {}
         for name, update in updates.items():
             weight = self.layers[name].weight
@@ -100,12 +107,13 @@ class DeltaInjector:
                 A, B = update.A.to(**to), update.B.to(**to)
                 scale = update.scale if isinstance(update, LoraModule) else 1.0
                 prepared[name] = ("lowrank", A, B, scale)
-                if splits_bf16(weight):
-                    # A and s*B as exact bf16 parts: float32 products on bf16 tensor cores
+                if splits_bf16(weight) and not (A.requires_grad or B.requires_grad):
+                    # A and s*B as exact bf16 parts: float32 products on bf16 tensor cores (factors being fitted
+                    # keep the plain path, which autograd follows)
                     prepared[name] = ("split", split_rows(A), split_right_factor(B * scale), prepared[name])
             else:
                 prepared[name] = ("dense", update.D.to(**to), None, 1.0)
-        self.variants[key] = prepared
+        return prepared
 
     @contextlib.contextmanager
     def use(self, key: Variant | None, overrides: dict[str, torch.Tensor] | None = None):

@@ -3,9 +3,16 @@ beside these, built on the sweep's primitives (``capture``, ``propagate``, ``sol
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable, Literal
 
+import torch
+
+from .. import finite
 from ..errors import IterisError
+from .cache import HiddenStates
+from .distill import BlockFit, own_energy
 from .layers import LayerGroup
 from .spec import CaptureSpec
 from .sweep import Sweep
@@ -67,17 +74,23 @@ class SequentialSweep:
         states = sweep.open_states(("own", "merged"))
 
         def visit(block, groups: list[LayerGroup]) -> None:
-            stages = [[g] for g in groups] or [[]]  # (a block with no target layer still moves the states on)
-            for s, stage in enumerate(stages):
-                last = s == len(stages) - 1
-                captured = sweep.capture(block, stage, states, advance=("own",) if last else (),
-                                         stop_at=None if last else stages[s + 1][0].name)
-                sweep.solve(stage, captured)
-                if stage:
-                    engine.set_merged(sweep.result)
+            _solve_in_order(sweep, block, groups, states)
             sweep.propagate(block, states)
 
         return sweep.walk_blocks(visit)
+
+
+def _solve_in_order(sweep: Sweep, block, groups: list[LayerGroup], states: HiddenStates) -> None:
+    """A block's groups, each a stage solved and installed before the next is captured; the adapters' own
+    states move on to the block's output."""
+    stages = [[g] for g in groups] or [[]]  # (a block with no target layer still moves the states on)
+    for s, stage in enumerate(stages):
+        last = s == len(stages) - 1
+        captured = sweep.capture(block, stage, states, advance=("own",) if last else (),
+                                 stop_at=None if last else stages[s + 1][0].name)
+        sweep.solve(stage, captured)
+        if stage:
+            sweep.engine.set_merged(dict(sweep.result))
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,57 @@ class MergedInputSweep:
             sweep.solve(groups, sweep.capture(block, groups, own_on_merged, advance=()))
             if groups:
                 engine.set_merged(sweep.result)
+            sweep.propagate(block, states)
+
+        return sweep.walk_blocks(visit)
+
+
+@dataclass(frozen=True)
+class DistilledSweep:
+    """Block by block in depth order: each block's groups solved in closed form as ``SequentialSweep`` solves
+    them (``start="sequential"``; ``"none"``: nothing solved, the fit starts from its own values), then
+    handed with the block to ``fit``, which returns the block's deltas fitted so that the merged block, on
+    the merged model's input to it, gives what each adapter's own block gives on its own input; those are
+    installed before the merged states move on (progressive layer-wise distillation, ProDistill's order)."""
+
+    spec: CaptureSpec
+    fit: Callable[[BlockFit], dict]
+    start: Literal["sequential", "none"] = "sequential"
+
+    def __post_init__(self):
+        object.__setattr__(self, "spec", self.spec.replace(paired=True))
+
+    def check(self, engine) -> None:
+        _require_blocks(engine, "a block-level fit walks the model block by block", "a closed-form schedule")
+        if engine.ranks is not None:
+            raise IterisError("a block-level fit runs in one process; merge without torchrun")
+
+    def walk(self, sweep: Sweep) -> dict:
+        engine = sweep.engine
+        engine.set_merged({})
+        states = sweep.open_states(("own", "merged"))
+
+        def visit(block, groups: list[LayerGroup]) -> None:
+            own_inputs = [[call.hidden for call in task] for task in states.own]
+            if self.start == "sequential":
+                _solve_in_order(sweep, block, groups, states)
+            else:
+                sweep.capture(block, [], states, advance=("own",))
+            if groups:
+                layers = [name for g in groups for name in g.members]
+                device = sweep._block_device(block)
+                dtype = torch.promote_types(engine.layers[layers[0]].weight.dtype, torch.float32)
+                fit = BlockFit(layers, {n: sweep.result[n] for n in layers if n in sweep.result},
+                               [(i, j) for i, task in enumerate(sweep.task_batches) for j in range(len(task))],
+                               own_energy(own_inputs, states, sweep.task_batches, device), block, device, dtype,
+                               engine, sweep.task_batches, states)
+                start = time.perf_counter()
+                with fit.frozen_block():
+                    fitted = self.fit(fit)
+                finite.check_deltas(fitted, f"{sweep.label} (block fit)")
+                engine.fit_seconds += time.perf_counter() - start
+                sweep.result.update(fitted)
+                engine.set_merged(dict(sweep.result))
             sweep.propagate(block, states)
 
         return sweep.walk_blocks(visit)
