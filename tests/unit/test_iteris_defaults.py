@@ -1,0 +1,51 @@
+"""How IterIS's defaults resolve: the schedule by the model's shape and by what the user set, the
+refinement by the device."""
+
+import pytest
+
+from iteris.errors import IterisError
+from iteris.methods import get_method
+
+
+def _params(**values):
+    return get_method("iteris").parse_params(values)
+
+
+def test_auto_schedule_is_sequential_on_a_chain_of_blocks_unless_a_global_setting_is_given():
+    assert _params().resolved_schedule(walks_blocks=True) == "sequential"
+    assert _params().resolved_schedule(walks_blocks=False) == "global"
+    for only_global in ({"iterations": 3}, {"tol": 1e-4}, {"with_pretrain_matrix": True}):
+        assert _params(**only_global).resolved_schedule(walks_blocks=True) == "global", only_global
+    assert _params(schedule="global").resolved_schedule(walks_blocks=True) == "global"
+
+
+def test_refinement_runs_by_default_on_a_gpu_only():
+    p = _params()
+    assert p.resolved_refine_steps("sequential", "cuda") == 256
+    assert p.resolved_refine_steps("sequential", "cuda:1") == 256
+    assert p.resolved_refine_steps("sequential", "cpu") == 0
+    assert p.resolved_refine_steps("global", "cuda") == 0
+    assert _params(refine_steps=5).resolved_refine_steps("sequential", "cpu") == 5
+    assert _params(refine_steps=0).resolved_refine_steps("sequential", "cuda") == 0
+
+
+@pytest.mark.parametrize("bad", [{"refine_steps": -1}, {"refine_lr": 0.0}, {"schedule": "global", "refine_steps": 4},
+                                 {"with_pretrain_matrix": True, "refine_steps": 4}, {"schedule": "blocks"}])
+def test_bad_refinement_settings_are_refused(bad):
+    with pytest.raises(IterisError):
+        _params(**bad)
+
+
+def test_a_default_merge_reports_the_schedule_it_ran(tiny_family_dir, adapters_for, calibration_file):
+    import iteris
+
+    from tests.helpers.merging import float64_config
+
+    llama = tiny_family_dir("llama")
+    data = [calibration_file("jsonl", n=3, seed=s) for s in (0, 1)]
+    cfg = float64_config(llama, adapters_for("llama", 2), data, parameters={"schedule": "auto"})
+    assert iteris.merge(cfg).report["schedule"] == "sequential"
+    t5 = tiny_family_dir("t5")
+    t5_data = [calibration_file("jsonl_t5", n=3, seed=s) for s in (0, 1)]
+    cfg = float64_config(t5, adapters_for("t5", 2), t5_data, parameters={"schedule": "auto"})
+    assert iteris.merge(cfg).report["schedule"] == "global"
