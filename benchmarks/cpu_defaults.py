@@ -21,6 +21,7 @@ from iteris.evaluate import evaluate
 HERE = Path(__file__).resolve().parent / "quality"
 TASKS = ["sentiment", "review_or_plot", "news_topic"]
 SETTINGS = {
+    "iteris defaults": ("iteris", {}, "auto"),  # (whatever the defaults are when run)
     "task_arithmetic": ("task_arithmetic", {"scale": 0.75}, "float64"),
     "regmean": ("regmean", {}, "float64"),
     "iteris sequential, float64 statistics": ("iteris", {"schedule": "sequential"}, "float64"),

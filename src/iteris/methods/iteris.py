@@ -18,8 +18,12 @@ from .base import MergeContext, param, register
 from .blockfit import fit_block
 
 
-DEFAULT_ITERATIONS = 10
+DEFAULT_ITERATIONS = 10  # the paper's
 DEFAULT_REFINE_STEPS = 256  # chosen on the 8-task validation split (benchmarks/quality/results/protocol)
+
+
+def _on_gpu(device: str) -> bool:
+    return str(device).startswith("cuda")
 
 
 @dataclass
@@ -43,9 +47,9 @@ class IterISParams:
     schedule: str = param(
         "auto",
         "sequential: one sweep in depth order, each layer solved on the inputs of the already-merged layers before "
-        "it (iterations unused; as good as the paper's rounds at a fifth of the time); global: the paper's rounds "
-        "(solve every layer, then rerun the merged model); auto: sequential where the model runs as a plain chain "
-        "of blocks, else global",
+        "it (iterations unused; as good as the paper's rounds at a fifth of their time on a GPU); global: the "
+        "paper's rounds (solve every layer, then rerun the merged model); auto: sequential where the model runs "
+        "as a plain chain of blocks and no iterations, tol or with_pretrain_matrix is set, else global",
     )
     refine_steps: int | None = param(
         None,
@@ -57,16 +61,17 @@ class IterISParams:
     refine_lr: float = param(1e-2, "the refinement's step size, relative to each factor's root mean square")
 
     def resolved_schedule(self, walks_blocks: bool) -> str:
+        """auto: sequential where the model is a plain chain of blocks and no setting only the paper's rounds
+        read is given; elsewhere the paper's global rounds."""
         if self.schedule != "auto":
             return self.schedule
-        # (the paper's rounds where a setting only they read is asked for)
         plain = walks_blocks and not self.with_pretrain_matrix and self.tol is None and self.iterations is None
         return "sequential" if plain else "global"
 
     def resolved_refine_steps(self, schedule: str, device: str) -> int:
         if self.refine_steps is not None:
             return self.refine_steps
-        fits = schedule == "sequential" and not self.with_pretrain_matrix and str(device).startswith("cuda")
+        fits = schedule == "sequential" and not self.with_pretrain_matrix and _on_gpu(device)
         return DEFAULT_REFINE_STEPS if fits else 0
 
     def validate(self):
