@@ -94,3 +94,17 @@ def test_infinite_activations_stop_the_gpu_merge_and_name_the_record(config, mon
                       "calibration": {**config["calibration"], "offload_stats": offload, "overlap": "on"}})
     message = str(caught.value)
     assert "adapter 't1'" in message and "record 1 of" in message, message
+
+
+def test_default_merge_on_a_gpu_refines_every_block_and_stays_an_exact_lora(config):
+    """The GPU defaults (sequential, then the block-level refinement) on a bf16 model: every block's residual
+    falls (or its closed form is kept), the factors are finite and of rank sum r_i, as the closed form's."""
+    defaults = {**config, "parameters": {}, "device": "cuda", "dtype": "bfloat16"}
+    refined = iteris.merge(defaults)
+    closed = iteris.merge({**defaults, "parameters": {"refine_steps": 0}})
+    assert refined.report["schedule"] == "sequential" and refined.report["refinement"]
+    for fit in refined.report["refinement"].values():
+        assert fit["loss_after"] <= fit["loss_before"]
+    assert any(not fit["kept_closed_form"] for fit in refined.report["refinement"].values())
+    for name, delta in refined.deltas.items():
+        assert delta.rank == closed.deltas[name].rank and torch.isfinite(delta.dense()).all(), name
