@@ -157,7 +157,7 @@ def main():
         for label, v in merges.items()
     }
     results["split"] = args.split
-    write_results(results, out)
+    write_results(results, out, force=True)  # (out holds the merged adapters it just wrote)
     if not args.keep_merged:
         shutil.rmtree(out / "merged", ignore_errors=True)
     print(format_table(results))
