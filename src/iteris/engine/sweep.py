@@ -225,7 +225,7 @@ class Sweep:
             e.solve_seconds += time.perf_counter() - t0
 
     def _runner(self, block: nn.Module, call: BlockCall, variant, overrides):
-        device = self._block_device(block)
+        device = self.block_device(block)
 
         def forward():
             with self.engine.injector.use(variant, overrides):
@@ -233,7 +233,7 @@ class Sweep:
 
         return forward
 
-    def _block_device(self, block: nn.Module) -> torch.device:
+    def block_device(self, block: nn.Module) -> torch.device:
         """Each block's hidden state goes to the GPU holding it (spread models' hooks move the other inputs)."""
         device = self._devices.get(id(block))
         if device is None:

@@ -155,7 +155,7 @@ class DistilledSweep:
                 sweep.capture(block, [], states, advance=("own",))
             if groups:
                 layers = [name for g in groups for name in g.members]
-                device = sweep._block_device(block)
+                device = sweep.block_device(block)
                 dtype = torch.promote_types(engine.layers[layers[0]].weight.dtype, torch.float32)
                 fit = BlockFit(layers, {n: sweep.result[n] for n in layers if n in sweep.result},
                                [(i, j) for i, task in enumerate(sweep.task_batches) for j in range(len(task))],
