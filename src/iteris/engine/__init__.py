@@ -1,8 +1,9 @@
 """The engine: runs the base model as each adapter's own model and as the merged model, gathers what every
 target layer receives, and hands each layer group's statistics to a method's solve, on a schedule.
 
-Methods use ``CaptureSpec`` (what to gather), a schedule (``GlobalSweep``, ``SequentialSweep``, ``DistilledSweep``) and the
-``Sweeps`` protocol; families build an ``Engine`` from a model, its layers, samples and a ``Batcher``.
+Methods use ``CaptureSpec`` (what to gather), a schedule (``GlobalSweep``, ``SequentialSweep``,
+``DistilledSweep``) and the ``Sweeps`` protocol; families build an ``Engine`` from a model, its layers,
+samples and a ``Batcher``.
 """
 
 from .distill import BlockFit
@@ -12,5 +13,5 @@ from .spec import CaptureSpec
 from .stats import GroupStats
 from .walk import DistilledSweep, GlobalSweep, MergedInputSweep, SequentialSweep
 
-__all__ = ["BlockFit", "CaptureSpec", "DistilledSweep", "Engine", "EngineOptions", "GlobalSweep", "GroupSolve", "GroupStats", "LayerGroup",
-           "MergedInputSweep", "SequentialSweep", "Sweeps"]
+__all__ = ["BlockFit", "CaptureSpec", "DistilledSweep", "Engine", "EngineOptions", "GlobalSweep", "GroupSolve",
+           "GroupStats", "LayerGroup", "MergedInputSweep", "SequentialSweep", "Sweeps"]

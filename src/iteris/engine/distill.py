@@ -52,7 +52,8 @@ class BlockFit:
 
     @contextlib.contextmanager
     def frozen_block(self):
-        """The block's own weights out of autograd while fitting (a loaded model's parameters want grads)."""
+        """The block's own weights out of autograd while fitting (a loaded model's parameters want grads). The
+        merged variant keeps the last deltas tried until the schedule installs the fitted ones."""
         params = [p for p in self.block.parameters() if p.requires_grad]
         for p in params:
             p.requires_grad_(False)
@@ -61,7 +62,6 @@ class BlockFit:
         finally:
             for p in params:
                 p.requires_grad_(True)
-            self._engine.set_merged(self._engine.merged_deltas)
 
 
 def own_energy(inputs: list[list[torch.Tensor]], outputs: HiddenStates, batches: list[list[Batch]],

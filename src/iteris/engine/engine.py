@@ -97,7 +97,6 @@ class Engine:
         self.capture_seconds = 0.0
         self.solve_seconds = 0.0
         self.fit_seconds = 0.0  # block-level fits (DistilledSweep)
-        self.merged_deltas: dict[str, Delta] = {}  # what the merged variant holds now
         n = len(adapters)
         self.own_overrides = [self._on_model(o) for o in (own_overrides or [{}] * n)]
         self.merged_overrides = [self._on_model(o) for o in (merged_overrides or [{}] * n)]
@@ -164,7 +163,6 @@ class Engine:
         return [weight_norm_sq(base, lora, base_sq) for lora in loras]
 
     def set_merged(self, deltas: dict[str, Delta]) -> None:
-        self.merged_deltas = deltas
         self.injector.set_variant(MERGED, deltas)
 
     def projections(self, task: int) -> dict[str, dict[str, torch.Tensor]]:

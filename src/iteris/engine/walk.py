@@ -90,7 +90,7 @@ def _solve_in_order(sweep: Sweep, block, groups: list[LayerGroup], states: Hidde
                                  stop_at=None if last else stages[s + 1][0].name)
         sweep.solve(stage, captured)
         if stage:
-            sweep.engine.set_merged(dict(sweep.result))
+            sweep.engine.set_merged(sweep.result)
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class DistilledSweep:
                 finite.check_deltas(fitted, f"{sweep.label} (block fit)")
                 engine.fit_seconds += time.perf_counter() - start
                 sweep.result.update(fitted)
-                engine.set_merged(dict(sweep.result))
+                engine.set_merged(sweep.result)
             sweep.propagate(block, states)
 
         return sweep.walk_blocks(visit)

@@ -57,7 +57,7 @@ def fit_block(data: BlockFit, params: list[torch.Tensor], build: Callable[[], di
         with torch.no_grad():
             for p, s in zip(params, start):
                 p.copy_(s)
-    return FitReport(before, min(after, before) if after == after else before, kept_start)
+    return FitReport(before, before if kept_start else after, kept_start)
 
 
 def _rms(t: torch.Tensor) -> float:
