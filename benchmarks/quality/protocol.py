@@ -3,14 +3,20 @@ values for every method), the best value then run on the test split for N = 2, 4
 merged adapter is a LoRA kept beside the base model (float32 factors, full rank where a method's result is
 dense), scored by `iteris eval` as one row; merge seconds and peak GPU memory are recorded with each row.
 
-    # the base and individual rows (once per split), then the grid on the 8-task validation split
-    python benchmarks/quality/protocol.py tune --n 8 --out benchmarks/quality/results/protocol/val_n8.json
+    R=benchmarks/quality/results/protocol
+    # the base and individual rows, once per split (other runs copy them with --reference)
+    python benchmarks/quality/protocol.py reference --split val --out $R/reference_val.json
+    # the grid on the 8-task validation split (shards: --methods, each into its own file)
+    python benchmarks/quality/protocol.py tune --n 8 --reference $R/reference_val.json --out $R/tune_n8.json
     # the chosen values on the test split
-    python benchmarks/quality/protocol.py test --params benchmarks/quality/results/protocol/val_n8.json \
-        --n 2,4,6,8,9 --out benchmarks/quality/results/protocol/test.json
+    python benchmarks/quality/protocol.py test --params $R/tune_n8.json --n 2,4,6,8,9 \
+        --reference $R/reference_test.json --out $R/test.json
+    # merge seconds and peak memory alone on the machine (no scoring)
+    python benchmarks/quality/protocol.py test --params $R/tune_n8.json --n 8 --merge-only --out $R/timing_n8.json
 
-Results are written after every row, so a run cut short keeps what it measured (and a rerun skips rows the
-output already holds).
+``--family minilm``: the seven encoder classification tasks (each task keeping its own head). Results are
+written after every row, so a run cut short keeps what it measured (and a rerun skips rows the output already
+holds). ``protocol_report.py`` turns the files into the table and the plot.
 """
 
 from __future__ import annotations
@@ -25,12 +31,16 @@ from pathlib import Path
 import torch
 
 import iteris
-from iteris.assets import smollm2_dir
 from iteris.evaluate import evaluate
+from run_benchmark import FAMILIES
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["sentiment", "review_or_plot", "news_topic", "headline", "lead_sentence", "moral_foundation",
-         "word_pleasantness", "debate_speaker", "convention_party"]
+ORDERS = {
+    "smollm2": ["sentiment", "review_or_plot", "news_topic", "headline", "lead_sentence", "moral_foundation",
+                "word_pleasantness", "debate_speaker", "convention_party"],
+    "minilm": ["sentiment", "review_or_plot", "news_topic", "moral_foundation", "word_pleasantness", "debate_speaker",
+               "convention_party"],
+}
 FULL_RANK = 4096  # above every layer's size: a dense result is written whole (exact), not cut to sum r_i
 
 # method -> (main knob, values tried on validation, fixed parameters). Three values each.
@@ -45,29 +55,36 @@ GRID = {
     "wudi": ("lr", [1e-5, 2e-5, 5e-5], {}),
     "regmean": ("reduction", [0.5, 0.9, 1.0], {}),
     "regmean_plusplus": ("reduction", [0.5, 0.9, 1.0], {}),
+    # 5 epochs, not the authors' 50: at N = 8 that is 160 steps a block, IterIS's refinement has 256
     "prodistill": ("lr", [0.003, 0.01, 0.03], {"epochs": 5}),
-    "iteris": ("refine_lr", [3e-4, 1e-3, 3e-3], {"schedule": "sequential", "refine_steps": 96}),
+    # the default a GPU user gets (sequential, 256 refinement steps), asked for explicitly so that a CPU run
+    # (whose default has no refinement) measures the same method
+    "iteris": ("refine_lr", [3e-3, 1e-2, 3e-2], {"refine_steps": 256}),
 }
 DENSE = {"ties", "dare_ties", "wudi", "prodistill"}
 
 
+SETTINGS = {"family": "smollm2", "records": None, "eval_batch": 128}  # from the command line
+
+
 def tasks_for(n: int) -> list[str]:
-    return ORDER[:n]
+    return ORDERS[SETTINGS["family"]][:n]
 
 
 def merge_row(tasks: list[str], method: str, params: dict, out: Path, samples: int) -> dict:
     """Merge, save under ``out``; seconds and peak GPU memory of the merge alone."""
-    adapters = [{"name": t, "path": str(HERE / "adapters" / "smollm2" / t),
-                 "data": str(HERE / "data" / t / "calibration.jsonl")} for t in tasks]
+    family = FAMILIES[SETTINGS["family"]]
+    adapters = [{"name": t, "path": str(HERE / "adapters" / SETTINGS["family"] / t),
+                 "data": str(HERE / "data" / t / family["calibration"])} for t in tasks]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = iteris.merge({
-        "base_model": str(smollm2_dir()), "method": method, "parameters": params, "device": "auto", "dtype": "auto",
-        "rank": FULL_RANK if method in DENSE else None,
+        "base_model": str(family["base"]()), "method": method, "parameters": params, "device": "auto",
+        "dtype": "auto", "rank": FULL_RANK if method in DENSE else None,
         "calibration": {"samples": samples, "max_length": 384, "batch_size": 16},
-        "adapters": adapters, "progress": False,
+        "adapters": adapters, "progress": False, **family["merge"],
     })
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
@@ -77,18 +94,18 @@ def merge_row(tasks: list[str], method: str, params: dict, out: Path, samples: i
             "max_rank_error": max(report["output"]["relative_error"].values(), default=0.0)}
 
 
-LIMIT = {"records": None}  # --limit: the first records of each task only (a smoke test)
-
-
 def score(tasks: list[str], split: str, models: dict[str, str], reference: bool) -> dict:
     """{row: {task: score}} for the models (and base / individual when ``reference``)."""
+    name, family = SETTINGS["family"], FAMILIES[SETTINGS["family"]]
+    metric = lambda t: family.get("metric") or json.loads((HERE / "data" / t / "task.json").read_text())["metric"]
     cfg = {
-        "base_model": str(smollm2_dir()),
-        "tasks": [{"name": t, "data": str(HERE / "data" / t / f"{split}.jsonl"),
-                   **({"adapter": str(HERE / "adapters" / "smollm2" / t)} if reference else {}),
-                   "limit": LIMIT["records"], "metric": json.loads((HERE / "data" / t / "task.json").read_text())["metric"]} for t in tasks],
+        "base_model": str(family["base"]()),
+        "tasks": [{"name": t, "data": str(HERE / "data" / t / family["eval"].format(split=split)),
+                   **({"adapter": str(HERE / "adapters" / name / t)} if reference else {}),
+                   "limit": SETTINGS["records"], "metric": metric(t)} for t in tasks],
         "models": [{"name": k, "path": v} for k, v in models.items()],
-        "include_base": reference, "device": "auto", "dtype": "auto", "batch_size": 32, "progress": False,
+        "include_base": reference, "device": "auto", "dtype": "auto", "batch_size": SETTINGS["eval_batch"],
+        "progress": False,
     }
     return {row["method"]: row["scores"] for row in evaluate(cfg)["rows"]}
 
@@ -108,17 +125,30 @@ def save(results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def run_rows(rows: dict[str, tuple[int, str, dict]], split: str, path: Path, samples: int) -> dict:
-    """rows: label -> (N, method, parameters). Reference rows first (all nine tasks), then each row."""
+def reference_rows(split: str, path: Path, copy_from: Path | None) -> dict:
+    """The base and individual rows on every task of the family: read from ``copy_from`` where given (so that
+    parallel runs share one measurement), else measured and stored with the results."""
     results = load(path)
-    results["split"] = split
+    results.update({"split": split, "family": SETTINGS["family"], "eval_batch": SETTINGS["eval_batch"],
+                    "records": SETTINGS["records"]})
     if "reference" not in results:
-        t0 = time.perf_counter()
-        results["reference"] = score(ORDER, split, {}, reference=True)
-        results["reference_seconds"] = time.perf_counter() - t0
+        if copy_from is not None:
+            source = json.loads(copy_from.read_text())
+            if (source["split"], source.get("family", "smollm2")) != (split, SETTINGS["family"]):
+                raise SystemExit(f"{copy_from} holds {source['split']} rows of {source.get('family')}")
+            results["reference"], results["reference_seconds"] = source["reference"], source["reference_seconds"]
+        else:
+            t0 = time.perf_counter()
+            results["reference"] = score(ORDERS[SETTINGS["family"]], split, {}, reference=True)
+            results["reference_seconds"] = time.perf_counter() - t0
         save(results, path)
-    individual = results["reference"]["individual"]
-    base = results["reference"]["base"]
+    return results
+
+
+def run_rows(rows: dict[str, tuple[int, str, dict]], split: str, path: Path, samples: int,
+             copy_from: Path | None = None, merge_only: bool = False) -> dict:
+    """rows: label -> (N, method, parameters). Reference rows first (all tasks), then each row."""
+    results = reference_rows(split, path, copy_from) if not merge_only else {**load(path), "merge_only": True}
     with tempfile.TemporaryDirectory() as scratch:
         for label, (n, method, params) in rows.items():
             if label in results["rows"]:
@@ -127,11 +157,8 @@ def run_rows(rows: dict[str, tuple[int, str, dict]], split: str, path: Path, sam
             row = {"n": n, "method": method, "parameters": params}
             try:
                 row.update(merge_row(tasks, method, params, Path(scratch) / "m", samples))
-                t0 = time.perf_counter()
-                row["scores"] = score(tasks, split, {label: str(Path(scratch) / "m")}, reference=False)[label]
-                row["eval_seconds"] = time.perf_counter() - t0
-                row["normalized_mean"] = normalized(row["scores"], individual)
-                row["half_gain_kept"] = {t: (row["scores"][t] - base[t]) / (individual[t] - base[t]) for t in tasks}
+                if not merge_only:
+                    row.update(scored_row(tasks, split, label, Path(scratch) / "m", results["reference"]))
             except Exception as exc:  # a method that fails is a row that says so
                 row["error"] = f"{type(exc).__name__}: {exc}"
             shutil.rmtree(Path(scratch) / "m", ignore_errors=True)
@@ -142,10 +169,19 @@ def run_rows(rows: dict[str, tuple[int, str, dict]], split: str, path: Path, sam
     return results
 
 
-def chosen(tuned: dict) -> dict[str, dict]:
-    """Each method's best parameters (normalized mean) among its tuning rows."""
+def scored_row(tasks: list[str], split: str, label: str, merged: Path, reference: dict) -> dict:
+    individual, base = reference["individual"], reference["base"]
+    t0 = time.perf_counter()
+    scores = score(tasks, split, {label: str(merged)}, reference=False)[label]
+    return {"scores": scores, "eval_seconds": time.perf_counter() - t0,
+            "normalized_mean": normalized(scores, individual),
+            "gain_kept": {t: (scores[t] - base[t]) / (individual[t] - base[t]) for t in tasks}}
+
+
+def chosen(tuned: list[dict]) -> dict[str, dict]:
+    """Each method's best parameters (normalized mean) among the tuning rows of one or more files."""
     best: dict[str, dict] = {}
-    for row in tuned["rows"].values():
+    for row in (r for t in tuned for r in t["rows"].values()):
         if "normalized_mean" in row and (row["method"] not in best
                                          or row["normalized_mean"] > best[row["method"]]["normalized_mean"]):
             best[row["method"]] = row
@@ -154,31 +190,39 @@ def chosen(tuned: dict) -> dict[str, dict]:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["tune", "test", "rows"])
+    parser.add_argument("stage", choices=["reference", "tune", "test", "rows"])
+    parser.add_argument("--family", default="smollm2", choices=sorted(ORDERS))
     parser.add_argument("--n", default="8")
     parser.add_argument("--methods", default=",".join(GRID))
-    parser.add_argument("--params", help="tune: a tuning results file whose best rows are run (test stage)")
+    parser.add_argument("--params", help="test stage: tuning results files (comma-separated); each method's best row")
     parser.add_argument("--rows", help="rows stage: JSON {label: [N, method, parameters]}")
+    parser.add_argument("--reference", help="a results file whose base and individual rows are copied")
+    parser.add_argument("--merge-only", action="store_true", help="merge seconds and peak memory, no scoring")
     parser.add_argument("--split", default=None)
     parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--eval-batch", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None, help="score the first N records per task (smoke test)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    LIMIT["records"] = args.limit
+    SETTINGS.update(family=args.family, records=args.limit, eval_batch=args.eval_batch)
     ns = [int(v) for v in args.n.split(",")]
     methods = args.methods.split(",")
+    if args.stage == "reference":
+        reference_rows(args.split or "val", Path(args.out), None)
+        return
     if args.stage == "tune":
         rows = {f"n{n} {m} {GRID[m][0]}={v:g}": (n, m, {**GRID[m][2], GRID[m][0]: v})
                 for n in ns for m in methods for v in GRID[m][1]}
         split = args.split or "val"
     elif args.stage == "test":
-        params = chosen(json.loads(Path(args.params).read_text()))
+        params = chosen([json.loads(Path(p).read_text()) for p in args.params.split(",")])
         rows = {f"n{n} {m}": (n, m, params[m]) for n in ns for m in methods if m in params}
         split = args.split or "test"
     else:
         rows = {k: tuple(v) for k, v in json.loads(args.rows).items()}
         split = args.split or "val"
-    run_rows(rows, split, Path(args.out), args.samples)
+    run_rows(rows, split, Path(args.out), args.samples, Path(args.reference) if args.reference else None,
+             args.merge_only)
 
 
 if __name__ == "__main__":

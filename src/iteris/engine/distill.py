@@ -5,7 +5,7 @@ deltas to those targets; the engine only runs the block."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ class BlockFit:
     _engine: object
     _batches: list[list[Batch]]
     _inputs: HiddenStates  # merged: the block's inputs; own: the own blocks' outputs (already advanced)
+    _row_index: dict = field(default_factory=dict)  # (task, batch, shape) -> flat indices of the real tokens
 
     def output(self, deltas: dict, task: int, batch: int) -> torch.Tensor:
         """The merged block's output rows (real tokens, in ``dtype``) on its input, with ``deltas`` installed for
@@ -48,7 +49,15 @@ class BlockFit:
         return self._rows(self._inputs.own[task][batch].hidden.to(self.device, non_blocking=True), task, batch)
 
     def _rows(self, out: torch.Tensor, task: int, batch: int) -> torch.Tensor:
-        return token_rows(out, self._batches[task][batch], "a block's output").to(self.dtype)
+        """Gathered by indices found once per batch: a boolean mask would make the GPU wait for the host at
+        every step, and the fit's steps are many and small."""
+        key = (task, batch, tuple(out.shape[:-1]))
+        index = self._row_index.get(key)
+        if index is None:
+            positions = torch.arange(out[..., 0].numel(), device=out.device).view(*out.shape[:-1], 1)
+            index = token_rows(positions, self._batches[task][batch], "a block's output").reshape(-1)
+            self._row_index[key] = index
+        return out.reshape(-1, out.shape[-1]).index_select(0, index).to(self.dtype)
 
     @contextlib.contextmanager
     def frozen_block(self):

@@ -1,0 +1,130 @@
+"""The protocol's table and plot from its result files (``protocol.py``): per method, the value chosen on
+validation, the normalized mean on the test split at every N, the least share of its own gain any task keeps,
+and merge seconds and peak GPU memory (from a ``--merge-only`` file where one is given: those merges ran
+alone on the machine).
+
+    R=benchmarks/quality/results/protocol
+    python benchmarks/quality/protocol_report.py --tune $R/tune_n8_*.json --test $R/test_*.json \
+        --timing $R/timing_n8.json --n-timing 8 --plot $R/protocol.png > $R/protocol.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def rows_of(paths: list[str]) -> list[dict]:
+    out = []
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        out += [{**row, "label": label, "file": path} for label, row in results["rows"].items()]
+    return out
+
+
+def chosen_values(tune_rows: list[dict]) -> dict[str, tuple[str, float]]:
+    """method -> ('knob=value', validation normalized mean) of its best tuning row."""
+    best: dict[str, dict] = {}
+    for row in tune_rows:
+        if "normalized_mean" in row and (row["method"] not in best
+                                         or row["normalized_mean"] > best[row["method"]]["normalized_mean"]):
+            best[row["method"]] = row
+    return {m: (r["label"].split(" ", 2)[2], r["normalized_mean"]) for m, r in best.items()}
+
+
+def noise(reference: dict, tasks: list[str], records: dict[str, int]) -> float:
+    """Standard error of a row's normalized mean from the test items alone: binomial for accuracies, a 0.15
+    per-item standard deviation assumed for ROUGE-L (measured on the base rows: 0.13-0.17)."""
+    individual = reference["individual"]
+    total = 0.0
+    for t in tasks:
+        p = individual[t]
+        sd = 0.15 if t in ("headline", "lead_sentence") else math.sqrt(max(p * (1 - p), 1e-4))
+        total += (sd / math.sqrt(records[t]) / p) ** 2
+    return math.sqrt(total) / len(tasks)
+
+
+def table(test_rows: list[dict], timing_rows: list[dict], chosen: dict, n_timing: int) -> str:
+    ns = sorted({r["n"] for r in test_rows})
+    methods = sorted({r["method"] for r in test_rows},
+                     key=lambda m: -max((r.get("normalized_mean") or 0) for r in test_rows
+                                        if r["method"] == m and r["n"] == max(ns)))
+    cell = {(r["method"], r["n"]): r for r in test_rows}
+    timed = {r["method"]: r for r in timing_rows if r["n"] == n_timing} or {
+        m: r for (m, n), r in cell.items() if n == n_timing}
+    head = (["method", "chosen on val"] + [f"N = {n}" for n in ns]
+            + [f"least gain kept (N = {n_timing})", f"merge s (N = {n_timing})", "peak GPU MB"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|"]
+    for m in methods:
+        values = []
+        for n in ns:
+            r = cell.get((m, n), {})
+            values.append(f"{r['normalized_mean']:.3f}" if "normalized_mean" in r else r.get("error", "-")[:20])
+        kept = cell.get((m, n_timing), {}).get("gain_kept") or cell.get((m, n_timing), {}).get("half_gain_kept")
+        t = timed.get(m, {})
+        lines.append("| " + " | ".join([m, chosen.get(m, ("-",))[0]] + values + [
+            f"{min(kept.values()):.2f}" if kept else "-",
+            f"{t['seconds']:.1f}" if "seconds" in t else "-",
+            f"{t['peak_gpu_mb']:.0f}" if t.get("peak_gpu_mb") else "-"]) + " |")
+    return "\n".join(lines)
+
+
+def plot(test_rows: list[dict], timing_rows: list[dict], n_timing: int, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = sorted({r["method"] for r in test_rows})
+    timed = {r["method"]: r for r in timing_rows if r["n"] == n_timing}
+    for m in methods:
+        points = sorted((r["n"], r["normalized_mean"]) for r in test_rows if r["method"] == m and "normalized_mean" in r)
+        style = dict(lw=2.5, color="black") if m == "iteris" else dict(lw=1, alpha=0.8)
+        left.plot([n for n, _ in points], [v for _, v in points], "o-", label=m, **style)
+        at = next((v for n, v in points if n == n_timing), None)
+        seconds = (timed.get(m) or next((r for r in test_rows if r["method"] == m and r["n"] == n_timing), {})).get("seconds")
+        if at is not None and seconds:
+            right.scatter(seconds, at, s=60 if m == "iteris" else 25, color="black" if m == "iteris" else None)
+            right.annotate(m, (seconds, at), fontsize=8, xytext=(4, 2), textcoords="offset points")
+    left.axhline(1.0, color="gray", ls=":")
+    left.set_xlabel("adapters merged (N)")
+    left.set_ylabel("normalized mean (test)")
+    left.set_title(title)
+    left.legend(fontsize=7, ncol=2)
+    right.set_xscale("log")
+    right.set_xlabel(f"merge seconds at N = {n_timing}")
+    right.set_ylabel(f"normalized mean at N = {n_timing}")
+    right.set_title("quality against merge time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tune", nargs="+", required=True)
+    parser.add_argument("--test", nargs="+", required=True)
+    parser.add_argument("--timing", nargs="*", default=[])
+    parser.add_argument("--n-timing", type=int, default=8)
+    parser.add_argument("--plot")
+    parser.add_argument("--title", default="SmolLM2-135M")
+    args = parser.parse_args()
+    test_rows, timing_rows = rows_of(args.test), rows_of(args.timing)
+    chosen = chosen_values(rows_of(args.tune))
+    print(table(test_rows, timing_rows, chosen, args.n_timing))
+    first = json.loads(Path(args.test[0]).read_text())
+    data = Path(__file__).resolve().parent / "data"
+    suffix = "classify_test.jsonl" if first.get("family") == "minilm" else "test.jsonl"
+    records = {t: sum(1 for line in (data / t / suffix).read_text().splitlines() if line.strip())
+               for t in first["reference"]["individual"]}
+    for n in sorted({r["n"] for r in test_rows}):
+        tasks = list(first["reference"]["individual"])[:n]
+        print(f"\nnoise (standard error of a normalized mean, N = {n}): {noise(first['reference'], tasks, records):.3f}")
+    if args.plot:
+        plot(test_rows, timing_rows, args.n_timing, args.plot, args.title)
+
+
+if __name__ == "__main__":
+    main()
