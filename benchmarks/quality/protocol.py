@@ -60,7 +60,10 @@ GRID = {
     # the default a GPU user gets (sequential, 256 refinement steps), asked for explicitly so that a CPU run
     # (whose default has no refinement) measures the same method
     "iteris": ("refine_lr", [3e-3, 1e-2, 3e-2], {"refine_steps": 256}),
+    # entropy of a classifier's predictions: the encoder classification tasks only
+    "adamerging": ("lr", [1e-3, 3e-3, 1e-2], {}),
 }
+CLASSIFIERS_ONLY = {"adamerging"}
 DENSE = {"ties", "dare_ties", "wudi", "prodistill"}
 
 
@@ -193,7 +196,7 @@ def main():
     parser.add_argument("stage", choices=["reference", "tune", "test", "rows"])
     parser.add_argument("--family", default="smollm2", choices=sorted(ORDERS))
     parser.add_argument("--n", default="8")
-    parser.add_argument("--methods", default=",".join(GRID))
+    parser.add_argument("--methods", default=None, help="default: every method of the grid the family can run")
     parser.add_argument("--params", help="test stage: tuning results files (comma-separated); each method's best row")
     parser.add_argument("--rows", help="rows stage: JSON {label: [N, method, parameters]}")
     parser.add_argument("--reference", help="a results file whose base and individual rows are copied")
@@ -206,7 +209,8 @@ def main():
     args = parser.parse_args()
     SETTINGS.update(family=args.family, records=args.limit, eval_batch=args.eval_batch)
     ns = [int(v) for v in args.n.split(",")]
-    methods = args.methods.split(",")
+    methods = args.methods.split(",") if args.methods else [
+        m for m in GRID if args.family == "minilm" or m not in CLASSIFIERS_ONLY]
     if args.stage == "reference":
         reference_rows(args.split or "val", Path(args.out), None)
         return

@@ -1,6 +1,7 @@
-"""What a block-level fit sees (``walk.DistilledSweep``): for every calibration batch, the merged model's input
-to one block, and what the adapter's own block gives on its own input there. A method fits the block's merged
-deltas to those targets; the engine only runs the block."""
+"""What a fit sees. A block-level fit (``walk.DistilledSweep``): for every calibration batch, the merged model's
+input to one block, and what the adapter's own block gives on its own input there. A whole-model fit
+(``walk.WholeModelFit``): the merged model's outputs on each task's batches. A method fits the merged deltas
+to those; the engine only runs the model."""
 
 from __future__ import annotations
 
@@ -59,18 +60,45 @@ class BlockFit:
             self._row_index[key] = index
         return out.reshape(-1, out.shape[-1]).index_select(0, index).to(self.dtype)
 
-    @contextlib.contextmanager
     def frozen_block(self):
-        """The block's own weights out of autograd while fitting (a loaded model's parameters want grads). The
-        merged variant keeps the last deltas tried until the schedule installs the fitted ones."""
-        params = [p for p in self.block.parameters() if p.requires_grad]
+        """The block's own weights out of autograd while fitting. The merged variant keeps the last deltas tried
+        until the schedule installs the fitted ones."""
+        return frozen(self.block)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """A module's own weights out of autograd while deltas are fitted (a loaded model's parameters want grads)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
         for p in params:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in params:
-                p.requires_grad_(True)
+            p.requires_grad_(True)
+
+
+@dataclass
+class ModelFit:
+    """A whole-model fit's data: ``batches[i]`` is how many calibration batches task i has; ``output`` runs the
+    merged model (with task i's own modules_to_save, a classifier's head) on one of them."""
+
+    layers: list[str]
+    batches: list[int]
+    device: torch.device
+    dtype: torch.dtype
+    _engine: object
+    _batches: list[list[Batch]]
+
+    def output(self, deltas: dict, task: int, batch: int) -> torch.Tensor:
+        """The model's output (``logits``, in ``dtype``) with ``deltas`` as the merged model's updates;
+        differentiable in the deltas' tensors where autograd is on."""
+        e = self._engine
+        e.injector.set_variant(MERGED, deltas)
+        with e.injector.use(MERGED, e.merged_overrides[task]):
+            out = e.model(**self._batches[task][batch].for_merged().inputs)
+        return getattr(out, "logits", out).to(self.dtype)
 
 
 def own_energy(inputs: list[list[torch.Tensor]], outputs: HiddenStates, batches: list[list[Batch]],

@@ -12,7 +12,7 @@ import torch
 from .. import finite
 from ..errors import IterisError
 from .cache import HiddenStates
-from .distill import BlockFit, own_energy
+from .distill import BlockFit, ModelFit, frozen, own_energy
 from .layers import LayerGroup
 from .spec import CaptureSpec
 from .sweep import Sweep
@@ -171,3 +171,32 @@ class DistilledSweep:
             sweep.propagate(block, states)
 
         return sweep.walk_blocks(visit)
+
+
+@dataclass(frozen=True)
+class WholeModelFit:
+    """No statistics and no walk: ``fit`` gets the merged model's outputs on every task's calibration batches
+    (``ModelFit``) and returns the merged deltas (AdaMerging's test-time adaptation)."""
+
+    fit: Callable[[ModelFit], dict]
+    spec: CaptureSpec = CaptureSpec(projections=False)
+
+    def check(self, engine) -> None:
+        if engine.ranks is not None:
+            raise IterisError("a whole-model fit runs in one process; merge without torchrun")
+
+    def walk(self, sweep: Sweep) -> dict:
+        engine = sweep.engine
+        layers = list(engine.layers)
+        weight = engine.layers[layers[0]].weight
+        fit = ModelFit(layers, [len(t) for t in sweep.task_batches], weight.device,
+                       torch.promote_types(weight.dtype, torch.float32), engine, sweep.task_batches)
+        start = time.perf_counter()
+        try:
+            with frozen(engine.model), torch.enable_grad():
+                fitted = self.fit(fit)
+        finally:
+            engine.set_merged({})
+        finite.check_deltas(fitted, f"{sweep.label} (model fit)")
+        engine.fit_seconds += time.perf_counter() - start
+        return fitted
