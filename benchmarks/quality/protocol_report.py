@@ -67,11 +67,11 @@ def table(test_rows: list[dict], timing_rows: list[dict], chosen: dict, n_timing
         lines.append("| " + " | ".join([m, chosen.get(m, ("-",))[0]] + values + [
             f"{min(kept.values()):.2f}" if kept else "-",
             f"{t['seconds']:.1f}" if "seconds" in t else "-",
-            f"{t['peak_gpu_mb']:.0f}" if t.get("peak_gpu_mb") else "-"]) + " |")
+            f"{t['peak_gpu_mb']:.0f}" if t.get("peak_gpu_mb") is not None else "-"]) + " |")
     return "\n".join(lines)
 
 
-def plot(test_rows: list[dict], timing_rows: list[dict], n_timing: int, path: str, title: str) -> None:
+def plot(test_rows: list[dict], timing_rows: list[dict], n_timing: int, path: str, title: str, time_note: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,11 +95,20 @@ def plot(test_rows: list[dict], timing_rows: list[dict], n_timing: int, path: st
     left.set_title(title)
     left.legend(fontsize=7, ncol=2)
     right.set_xscale("log")
-    right.set_xlabel(f"merge seconds at N = {n_timing}")
+    right.set_xlabel(f"merge seconds at N = {n_timing}{time_note}")
     right.set_ylabel(f"normalized mean at N = {n_timing}")
     right.set_title("quality against merge time")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def combine(paths: list[str], out: Path, note: str | None) -> None:
+    """Shards of one stage (parallel runs, each with its own methods) as one results file."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {k: v for k, v in parts[0].items() if k != "rows"}
+    merged.update(rows={label: row for part in parts for label, row in part["rows"].items()},
+                  shards=[Path(p).name for p in paths], **({"note": note} if note else {}))
+    out.write_text(json.dumps(merged, indent=1))
 
 
 def main():
@@ -110,7 +119,14 @@ def main():
     parser.add_argument("--n-timing", type=int, default=8)
     parser.add_argument("--plot")
     parser.add_argument("--title", default="SmolLM2-135M")
+    parser.add_argument("--time-note", default="", help="appended to the time axis's label (how the runs were timed)")
+    parser.add_argument("--combine", nargs=2, metavar=("TUNE_OUT", "TEST_OUT"),
+                        help="also write the --tune files' rows as one file and the --test files' as another")
+    parser.add_argument("--note", default=None, help="a sentence stored in the combined files")
     args = parser.parse_args()
+    if args.combine:
+        for paths, out in zip((args.tune, args.test), args.combine):
+            combine(paths, Path(out), args.note)
     test_rows, timing_rows = rows_of(args.test), rows_of(args.timing)
     chosen = chosen_values(rows_of(args.tune))
     print(table(test_rows, timing_rows, chosen, args.n_timing))
@@ -123,7 +139,7 @@ def main():
         tasks = list(first["reference"]["individual"])[:n]
         print(f"\nnoise (standard error of a normalized mean, N = {n}): {noise(first['reference'], tasks, records):.3f}")
     if args.plot:
-        plot(test_rows, timing_rows, args.n_timing, args.plot, args.title)
+        plot(test_rows, timing_rows, args.n_timing, args.plot, args.title, args.time_note)
 
 
 if __name__ == "__main__":
