@@ -41,20 +41,22 @@ def test_prodistill_matches_reference(tiny_family_dir, adapters_for, calibration
     assert all(f["loss_after"] < f["loss_before"] for f in fits.values())
 
 
-def test_iteris_refinement_matches_reference(tiny_family_dir, adapters_for, calibration_file):
+@pytest.mark.parametrize("loss", ["balanced", "sum"])
+def test_iteris_refinement_matches_reference(tiny_family_dir, adapters_for, calibration_file, loss):
     """Adapters on block 0: the refinement starts from the sequential closed form there (the same inputs in
-    both schedules), fitted as LoRA factors with the task-balanced residual."""
+    both schedules), fitted as LoRA factors with the task-balanced residual or the plain sum."""
     base = tiny_family_dir("llama")
     adapters = adapters_for("llama", 3, layers_to_transform=[0])
     data = [calibration_file("jsonl", n=5, seed=s) for s in (0, 1, 2)]
     weights = [1.0, 1.0, 3.0]
     closed = iteris.merge(float64_config(base, adapters, data, weights=weights, parameters={"schedule": "sequential"}))
-    params = {"schedule": "sequential", "refine_steps": 6, "refine_lr": 1e-4}
+    params = {"schedule": "sequential", "refine_steps": 6, "refine_lr": 1e-4, "refine_loss": loss}
     refined = iteris.merge(float64_config(base, adapters, data, weights=weights, parameters=params))
     names = sorted(refined.deltas)
     start = {n: (closed.deltas[n].B, closed.deltas[n].A) for n in names}
     expected = reference_block_fit(base, "llama", adapters, [_samples(d) for d in data], load_tokenizer(str(base)),
-                                   names, 3, 6, 1e-4, start=start, balanced=True, relative_lr=True, manual=weights)
+                                   names, 3, 6, 1e-4, start=start, balanced=loss == "balanced", relative_lr=True,
+                                   manual=weights)
     for name, d in expected.items():
         assert rel(refined.deltas[name].dense(), d) < 1e-7, name
         assert rel(refined.deltas[name].dense(), closed.deltas[name].dense()) > 1e-5, name  # it moved

@@ -29,7 +29,7 @@ def test_refinement_runs_by_default_on_a_gpu_only():
     assert _params(refine_steps=0).resolved_refine_steps("sequential", "cuda") == 0
 
 
-@pytest.mark.parametrize("bad", [{"refine_steps": -1}, {"refine_lr": 0.0}, {"schedule": "global", "refine_steps": 4},
+@pytest.mark.parametrize("bad", [{"refine_steps": -1}, {"refine_lr": 0.0}, {"refine_loss": "mean"}, {"schedule": "global", "refine_steps": 4},
                                  {"with_pretrain_matrix": True, "refine_steps": 4}, {"schedule": "blocks"}])
 def test_bad_refinement_settings_are_refused(bad):
     with pytest.raises(IterisError):

@@ -60,6 +60,11 @@ class IterISParams:
     )
     refine_lr: float = param(3e-2, "the refinement's step size, relative to each factor's root mean square "
                                    "(chosen on validation from 3e-3, 1e-2, 3e-2)")
+    refine_loss: str = param(
+        "balanced",
+        "balanced: each task's mean per-token residual over its own block's energy per token (every task counts "
+        "alike); sum: the plain sum of squares over all tokens (ProDistill's; tasks with long prompts count more)",
+    )
 
     def resolved_schedule(self, walks_blocks: bool) -> str:
         """auto: sequential where the model is a plain chain of blocks and no setting only the paper's rounds
@@ -88,6 +93,8 @@ class IterISParams:
             raise IterisError("iteris: solve_space: samples needs alpha2 > 0 and with_pretrain_matrix: false")
         if self.schedule not in ("auto", "global", "sequential"):
             raise IterisError(f"iteris: schedule must be auto, global or sequential, got '{self.schedule}'")
+        if self.refine_loss not in ("balanced", "sum"):
+            raise IterisError(f"iteris: refine_loss must be balanced or sum, got '{self.refine_loss}'")
         if (self.refine_steps is not None and self.refine_steps < 0) or self.refine_lr <= 0:
             raise IterisError("iteris: refine_steps must be >= 0 and refine_lr > 0")
         if self.refine_steps and (self.schedule == "global" or self.with_pretrain_matrix):
@@ -156,7 +163,7 @@ def _refiner(ctx: MergeContext, steps: int):
             return {name: LowRankDelta(B=B, A=A) for name, (B, A) in factors.items()}
 
         fitted = fit_block(data, [t for pair in factors.values() for t in pair], build, steps, p.refine_lr,
-                           list(ctx.weights), balanced=True, relative_lr=True)
+                           list(ctx.weights), balanced=p.refine_loss == "balanced", relative_lr=True)
         ctx.report.setdefault("refinement", {})[data.layers[0]] = {
             "loss_before": fitted.before, "loss_after": fitted.after, "kept_closed_form": fitted.kept_start}
         if fitted.kept_start:
@@ -171,7 +178,7 @@ def describe(report: dict) -> str | None:
     if fits:
         before = sum(f["loss_before"] for f in fits.values())
         after = sum(f["loss_after"] for f in fits.values())
-        return (f"refined {len(fits)} blocks after their closed-form solves: the blocks' task-balanced residual "
+        return (f"refined {len(fits)} blocks after their closed-form solves: the blocks' residual "
                 f"fell from {before:.4g} to {after:.4g} in sum")
     its = report.get("iterations")
     if not its or len(its) <= 1:
