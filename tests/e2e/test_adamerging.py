@@ -1,23 +1,12 @@
 """AdaMerging against its plain float64 reference (tests/helpers/adamerging_reference.py)."""
 
-import json
-import random
-
 import pytest
 
 import iteris
 from iteris.errors import IterisError
 from iteris.families.loading import load_tokenizer
 from tests.helpers.adamerging_reference import reference_adamerging
-from tests.helpers.merging import float64_config, rel
-
-
-def _samples(path):
-    """The calibration texts in the order iteris draws them (calibration.seed 42)."""
-    texts = [(json.loads(line)["text"], None) for line in path.read_text().splitlines() if line.strip()]
-    order = list(range(len(texts)))
-    random.Random(42).shuffle(order)
-    return [texts[i] for i in order]
+from tests.helpers.merging import float64_config, rel, samples_in_drawn_order
 
 
 def test_adamerging_matches_reference(tiny_family_dir, adapters_for, calibration_file):
@@ -31,7 +20,7 @@ def test_adamerging_matches_reference(tiny_family_dir, adapters_for, calibration
     result = iteris.merge(float64_config(base, adapters, data, method="adamerging", weights=weights,
                                          parameters=params, modules_to_save="per_adapter"))
     names = sorted(result.deltas)
-    expected = reference_adamerging(base, "bert", adapters, [_samples(d) for d in data], load_tokenizer(str(base)),
+    expected = reference_adamerging(base, "bert", adapters, [samples_in_drawn_order(d) for d in data], load_tokenizer(str(base)),
                                     names, 3, 12, 0.05, 0.3, manual=weights)
     for name, d in expected.items():
         assert rel(result.deltas[name].dense(), d) < 1e-7, name

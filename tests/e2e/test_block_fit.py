@@ -1,25 +1,13 @@
 """The block-level fits (IterIS's refinement, ProDistill) against their plain float64 reference
 (tests/helpers/blockfit_reference.py)."""
 
-import json
-import random
-
 import pytest
 
 import iteris
 from iteris.errors import IterisError
 from iteris.families.loading import load_tokenizer
 from tests.helpers.blockfit_reference import reference_block_fit
-from tests.helpers.merging import float64_config, rel
-
-
-def _samples(path):
-    """The calibration texts in the order iteris draws them (calibration.seed 42): the batches, and so each
-    optimiser step, hold the same samples."""
-    texts = [(json.loads(line)["text"], None) for line in path.read_text().splitlines() if line.strip()]
-    order = list(range(len(texts)))
-    random.Random(42).shuffle(order)
-    return [texts[i] for i in order]
+from tests.helpers.merging import float64_config, rel, samples_in_drawn_order
 
 
 def test_prodistill_matches_reference(tiny_family_dir, adapters_for, calibration_file):
@@ -31,7 +19,7 @@ def test_prodistill_matches_reference(tiny_family_dir, adapters_for, calibration
     result = iteris.merge(float64_config(base, adapters, data, method="prodistill", weights=weights, rank=4096,
                                          parameters={"epochs": 2, "lr": 0.01}))
     names = sorted(result.deltas)
-    expected = reference_block_fit(base, "llama", adapters, [_samples(d) for d in data], load_tokenizer(str(base)),
+    expected = reference_block_fit(base, "llama", adapters, [samples_in_drawn_order(d) for d in data], load_tokenizer(str(base)),
                                    names, 3, lambda pairs: 2 * pairs, 0.01, coefficients=0.5, balanced=False,
                                    relative_lr=False, manual=weights)
     assert {n[: n.index(".layers.") + 10] for n in names} == {"model.layers.0.", "model.layers.1."}
@@ -54,7 +42,7 @@ def test_iteris_refinement_matches_reference(tiny_family_dir, adapters_for, cali
     refined = iteris.merge(float64_config(base, adapters, data, weights=weights, parameters=params))
     names = sorted(refined.deltas)
     start = {n: (closed.deltas[n].B, closed.deltas[n].A) for n in names}
-    expected = reference_block_fit(base, "llama", adapters, [_samples(d) for d in data], load_tokenizer(str(base)),
+    expected = reference_block_fit(base, "llama", adapters, [samples_in_drawn_order(d) for d in data], load_tokenizer(str(base)),
                                    names, 3, 6, 1e-4, start=start, balanced=loss == "balanced", relative_lr=True,
                                    manual=weights)
     for name, d in expected.items():

@@ -1,5 +1,8 @@
 """What several test modules merge with: a float64 CPU merge config over saved tiny models, and the relative
-difference they compare merged deltas by."""
+difference they compare merged deltas by, and the order iteris draws calibration samples in."""
+
+import json
+import random
 
 import torch
 
@@ -27,3 +30,12 @@ def float64_config(base, adapters, data, method="iteris", parameters=None, weigh
 
 def rel(a, b):
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def samples_in_drawn_order(path):
+    """A calibration file's texts in the order iteris draws them (calibration.seed 42): the batches, and so
+    each optimiser step of a fit, hold the same samples."""
+    texts = [(json.loads(line)["text"], None) for line in path.read_text().splitlines() if line.strip()]
+    order = list(range(len(texts)))
+    random.Random(42).shuffle(order)
+    return [texts[i] for i in order]
