@@ -61,7 +61,8 @@ GRID = {
     # (whose default has no refinement) measures the same method
     "iteris": ("refine_lr", [3e-3, 1e-2, 3e-2], {"refine_steps": 256}),
     # entropy of a classifier's predictions: the encoder classification tasks only; 100 steps, not the
-    # authors' 500: each step runs the whole model on a batch of every task (100 steps at N = 7: 5 minutes on 2 CPU cores)
+    # authors' 500: each step runs the whole model on a batch of every task (at N = 7, 100 steps take
+    # 5 minutes on 2 CPU cores)
     "adamerging": ("lr", [1e-3, 3e-3, 1e-2], {"steps": 100}),
 }
 CLASSIFIERS_ONLY = {"adamerging"}

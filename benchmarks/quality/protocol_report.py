@@ -81,11 +81,12 @@ def plot(test_rows: list[dict], timing_rows: list[dict], n_timing: int, path: st
     methods = sorted({r["method"] for r in test_rows})
     timed = {r["method"]: r for r in timing_rows if r["n"] == n_timing}
     for m in methods:
-        points = sorted((r["n"], r["normalized_mean"]) for r in test_rows if r["method"] == m and "normalized_mean" in r)
+        mine = [r for r in test_rows if r["method"] == m]
+        points = sorted((r["n"], r["normalized_mean"]) for r in mine if "normalized_mean" in r)
         style = dict(lw=2.5, color="black") if m == "iteris" else dict(lw=1, alpha=0.8)
         left.plot([n for n, _ in points], [v for _, v in points], "o-", label=m, **style)
         at = next((v for n, v in points if n == n_timing), None)
-        seconds = (timed.get(m) or next((r for r in test_rows if r["method"] == m and r["n"] == n_timing), {})).get("seconds")
+        seconds = (timed.get(m) or next((r for r in mine if r["n"] == n_timing), {})).get("seconds")
         if at is not None and seconds:
             right.scatter(seconds, at, s=60 if m == "iteris" else 25, color="black" if m == "iteris" else None)
             right.annotate(m, (seconds, at), fontsize=8, xytext=(4, 2), textcoords="offset points")
@@ -137,7 +138,8 @@ def main():
                for t in first["reference"]["individual"]}
     for n in sorted({r["n"] for r in test_rows}):
         tasks = list(first["reference"]["individual"])[:n]
-        print(f"\nnoise (standard error of a normalized mean, N = {n}): {noise(first['reference'], tasks, records):.3f}")
+        se = noise(first["reference"], tasks, records)
+        print(f"\nnoise (standard error of a normalized mean, N = {n}): {se:.3f}")
     if args.plot:
         plot(test_rows, timing_rows, args.n_timing, args.plot, args.title, args.time_note)
 

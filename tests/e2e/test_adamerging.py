@@ -20,7 +20,8 @@ def test_adamerging_matches_reference(tiny_family_dir, adapters_for, calibration
     result = iteris.merge(float64_config(base, adapters, data, method="adamerging", weights=weights,
                                          parameters=params, modules_to_save="per_adapter"))
     names = sorted(result.deltas)
-    expected = reference_adamerging(base, "bert", adapters, [samples_in_drawn_order(d) for d in data], load_tokenizer(str(base)),
+    samples = [samples_in_drawn_order(d) for d in data]
+    expected = reference_adamerging(base, "bert", adapters, samples, load_tokenizer(str(base)),
                                     names, 3, 12, 0.05, 0.3, manual=weights)
     for name, d in expected.items():
         assert rel(result.deltas[name].dense(), d) < 1e-7, name
