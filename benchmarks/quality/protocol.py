@@ -100,7 +100,8 @@ def merge_row(tasks: list[str], method: str, params: dict, out: Path, samples: i
 
 
 def score(tasks: list[str], split: str, models: dict[str, str], reference: bool) -> dict:
-    """{row: {task: score}} for the models (and base / individual when ``reference``)."""
+    """{row: {task: score}} for the models (and base / individual when ``reference``); a model's row also
+    holds each record's score under "items" (two rows compared record by record)."""
     name, family = SETTINGS["family"], FAMILIES[SETTINGS["family"]]
     metric = lambda t: family.get("metric") or json.loads((HERE / "data" / t / "task.json").read_text())["metric"]
     cfg = {
@@ -110,9 +111,10 @@ def score(tasks: list[str], split: str, models: dict[str, str], reference: bool)
                    "limit": SETTINGS["records"], "metric": metric(t)} for t in tasks],
         "models": [{"name": k, "path": v} for k, v in models.items()],
         "include_base": reference, "device": "auto", "dtype": "auto", "batch_size": SETTINGS["eval_batch"],
-        "progress": False,
+        "progress": False, "per_item": not reference,
     }
-    return {row["method"]: row["scores"] for row in evaluate(cfg)["rows"]}
+    rows = evaluate(cfg)["rows"]
+    return {row["method"]: row["scores"] for row in rows} if reference else {row["method"]: row for row in rows}
 
 
 def normalized(scores: dict, individual: dict) -> float:
@@ -177,10 +179,11 @@ def run_rows(rows: dict[str, tuple[int, str, dict]], split: str, path: Path, sam
 def scored_row(tasks: list[str], split: str, label: str, merged: Path, reference: dict) -> dict:
     individual, base = reference["individual"], reference["base"]
     t0 = time.perf_counter()
-    scores = score(tasks, split, {label: str(merged)}, reference=False)[label]
+    row = score(tasks, split, {label: str(merged)}, reference=False)[label]
+    scores = row["scores"]
     return {"scores": scores, "eval_seconds": time.perf_counter() - t0,
             "normalized_mean": normalized(scores, individual),
-            "gain_kept": {t: (scores[t] - base[t]) / (individual[t] - base[t]) for t in tasks}}
+            "gain_kept": {t: (scores[t] - base[t]) / (individual[t] - base[t]) for t in tasks}, "items": row["items"]}
 
 
 def chosen(tuned: list[dict]) -> dict[str, dict]:

@@ -46,6 +46,22 @@ def noise(reference: dict, tasks: list[str], records: dict[str, int]) -> float:
     return math.sqrt(total) / len(tasks)
 
 
+def paired_difference(a: dict, b: dict, individual: dict) -> tuple[float, float] | None:
+    """Row a's normalized mean minus row b's, and its standard error from the records both were scored on
+    (each task's per-record differences over the task's own score): much smaller than two rows' own noise,
+    since both rows get the same records right and wrong. None where a row kept no per-record scores."""
+    if not (a.get("items") and b.get("items")):
+        return None
+    tasks = list(a["items"])
+    mean, variance = 0.0, 0.0
+    for t in tasks:
+        d = [(x - y) / individual[t] for x, y in zip(a["items"][t], b["items"][t])]
+        m = sum(d) / len(d)
+        mean += m
+        variance += sum((v - m) ** 2 for v in d) / max(len(d) - 1, 1) / len(d)
+    return mean / len(tasks), math.sqrt(variance) / len(tasks)
+
+
 def table(test_rows: list[dict], timing_rows: list[dict], chosen: dict, n_timing: int) -> str:
     ns = sorted({r["n"] for r in test_rows})
     methods = sorted({r["method"] for r in test_rows},
@@ -140,6 +156,13 @@ def main():
         tasks = list(first["reference"]["individual"])[:n]
         se = noise(first["reference"], tasks, records)
         print(f"\nnoise (standard error of a normalized mean, N = {n}): {se:.3f}")
+    individual = first["reference"]["individual"]
+    for n in sorted({r["n"] for r in test_rows}):
+        ranked = sorted((r for r in test_rows if r["n"] == n and "normalized_mean" in r),
+                        key=lambda r: -r["normalized_mean"])
+        if len(ranked) > 1 and (paired := paired_difference(ranked[0], ranked[1], individual)):
+            print(f"N = {n}: {ranked[0]['method']} - {ranked[1]['method']} = {paired[0]:+.3f} "
+                  f"(paired standard error {paired[1]:.3f})")
     if args.plot:
         plot(test_rows, timing_rows, args.n_timing, args.plot, args.title, args.time_note)
 

@@ -75,6 +75,7 @@ class EvalConfig:
     progress: bool = True
     include_base: bool = True  # the "base" row (the model without any adapter)
     trust_remote_code: bool = False  # run code shipped with the model (its config's auto_map)
+    per_item: bool = False  # also keep each record's score (rows compared record by record: a paired noise)
 
     config_file = None  # the YAML it was read from (not a key of it): an input like the others
 
@@ -176,6 +177,21 @@ def check_records(records: list[dict], metric: str, task: str) -> None:
 
 def score(model, tokenizer, records: list[dict], metric: str, max_new_tokens: int, batch_size: int, device: str) -> float:
     """One model's score on one task's records."""
+    return scored_items(model, tokenizer, records, metric, max_new_tokens, batch_size, device)[0]
+
+
+def scored_items(model, tokenizer, records: list[dict], metric: str, max_new_tokens: int, batch_size: int,
+                 device: str) -> tuple[float, list[float] | None]:
+    """The score and each record's own (None for perplexity, which is not a mean over records): two rows
+    compared record by record have a much smaller noise than two independent scores."""
+    if metric == "perplexity":
+        return _perplexity(model, tokenizer, records, batch_size, device), None
+    items = _item_scores(model, tokenizer, records, metric, max_new_tokens, batch_size, device)
+    return sum(items) / len(items), items
+
+
+def _item_scores(model, tokenizer, records: list[dict], metric: str, max_new_tokens: int, batch_size: int,
+                 device: str) -> list[float]:
     pad = tokenizer.pad_token_id
     encode = lambda text, special=True: tokenizer(text, add_special_tokens=special)["input_ids"]
     if metric == "mc_accuracy":
@@ -193,34 +209,38 @@ def score(model, tokenizer, records: list[dict], metric: str, max_new_tokens: in
             counts[owner] = k + 1
             if owner not in best or lp > best[owner][0]:
                 best[owner] = (lp, k)
-        return sum(best[i][1] == int(r["answer"]) for i, r in enumerate(records)) / len(records)
+        return [float(best[i][1] == int(r["answer"])) for i, r in enumerate(records)]
     if metric == "accuracy":
         predictions = scoring.class_predictions(model, [encode(r["text"]) for r in records], pad, batch_size, device)
-        return sum(p == int(r["label"]) for p, r in zip(predictions, records)) / len(records)
+        return [float(p == int(r["label"])) for p, r in zip(predictions, records)]
     if metric in ("exact_match", "rouge_l"):
         prompts = [TokenSample(input_ids=encode(r["prompt"])) for r in records]
         outputs = text.greedy_continuations(model, prompts, tokenizer, max_new_tokens, batch_size, device)
         fn = exact_match if metric == "exact_match" else rouge_l
-        total = 0.0
+        items = []
         for prompt, out, r in zip(prompts, outputs, records):
             new = out.input_ids[len(prompt.input_ids):] if out.decoder_ids is None else out.decoder_ids[1:]
-            total += fn(tokenizer.decode(new, skip_special_tokens=True), str(r["answer"]))
-        return total / len(records)
-    if metric == "perplexity":
-        pairs = []
-        for r in records:
-            ids = encode(r["text"])
-            if len(ids) > 1:
-                pairs.append((ids[:1], ids[1:]))
-        if not pairs:
-            raise IterisError("perplexity needs texts of at least two tokens; every text here has fewer")
-        logps = _finite(scoring.continuation_logprobs(model, pairs, pad, batch_size, device))
-        tokens = sum(len(t) for _, t in pairs)
-        mean = -sum(logps) / tokens
-        if mean > 700:  # (exp overflows a float: the model assigns these texts no probability to speak of)
-            raise NonFiniteOutputs
-        return math.exp(mean)
+            items.append(float(fn(tokenizer.decode(new, skip_special_tokens=True), str(r["answer"]))))
+        return items
     raise IterisError(f"unknown metric '{metric}'")
+
+
+def _perplexity(model, tokenizer, records: list[dict], batch_size: int, device: str) -> float:
+    encode = lambda text: tokenizer(text)["input_ids"]
+    pad = tokenizer.pad_token_id
+    pairs = []
+    for r in records:
+        ids = encode(r["text"])
+        if len(ids) > 1:
+            pairs.append((ids[:1], ids[1:]))
+    if not pairs:
+        raise IterisError("perplexity needs texts of at least two tokens; every text here has fewer")
+    logps = _finite(scoring.continuation_logprobs(model, pairs, pad, batch_size, device))
+    tokens = sum(len(t) for _, t in pairs)
+    mean = -sum(logps) / tokens
+    if mean > 700:  # (exp overflows a float: the model assigns these texts no probability to speak of)
+        raise NonFiniteOutputs
+    return math.exp(mean)
 
 
 def _finite(logps: list[float]) -> list[float]:
@@ -304,6 +324,7 @@ def evaluate(source) -> dict:
     tokenizer = loading.load_tokenizer(cfg.tokenizer or cfg.base_model, cfg.trust_remote_code)
     by_name = {t.name: t for t in cfg.tasks}
     scores: dict[str, dict[str, float]] = {row: {} for row in plan}
+    items: dict[str, dict[str, list[float] | None]] = {row: {} for row in plan}
     with tqdm(total=len(plan) * len(cfg.tasks), desc="eval", disable=not cfg.progress, unit="task") as bar:
         for task_names in groups.values():
             paths = list(dict.fromkeys(p for name in task_names for p in paths_of[name]))
@@ -311,18 +332,19 @@ def evaluate(source) -> dict:
             for row_name, assignment in plan.items():
                 for name in task_names:
                     t, path = by_name[name], assignment[name]
-                    run = lambda: _scored(row_name, name, lambda: score(
+                    run = lambda: _scored(row_name, name, lambda: scored_items(
                         model, tokenizer, records[name], metrics[name], t.max_new_tokens, cfg.batch_size, device))
                     if path is None and names:
                         with model.disable_adapter():
-                            scores[row_name][name] = run()
+                            scores[row_name][name], items[row_name][name] = run()
                     else:
                         if path is not None:
                             model.set_adapter(names[path])
-                        scores[row_name][name] = run()
+                        scores[row_name][name], items[row_name][name] = run()
                     bar.update(1)
             del model
-    rows = [{"method": row, "scores": {t.name: scores[row][t.name] for t in cfg.tasks}} for row in plan]
+    rows = [{"method": row, "scores": {t.name: scores[row][t.name] for t in cfg.tasks},
+             **({"items": {t.name: items[row][t.name] for t in cfg.tasks}} if cfg.per_item else {})} for row in plan]
     individual = next((r for r in rows if r["method"] == "individual"), None)
     for row in rows:
         if individual is not None:
@@ -353,7 +375,7 @@ def text_table(header: list[str], body: list[list[str]], markdown: bool = False)
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
 
 
-def _scored(row: str, task: str, run) -> float:
+def _scored(row: str, task: str, run):
     try:
         return run()
     except NonFiniteOutputs as exc:

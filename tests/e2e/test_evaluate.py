@@ -189,3 +189,37 @@ def test_shared_context_logprobs_match_one_pair_at_a_time(load_tiny, family):
         got = shared_context_logprobs(model, pairs, tok.pad_token_id, batch_size=2, device="cpu")
     assert any(len(o) > 1 for _, o in pairs) and any(len(o) == 1 for _, o in pairs)
     assert got == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_per_item_scores_are_each_records_own(tiny_family_dir, adapters_for, tmp_path):
+    """per_item: each record's score, in record order, whose mean is the task's score; each item is what
+    scoring that record alone gives (so two rows can be compared record by record)."""
+    base = tiny_family_dir("llama")
+    adapter = adapters_for("llama", 1)[0]
+    sentences = fx.sample_sentences(10, seed=5)
+    mc = [{"prompt": sentences[i], "choices": [sentences[i + 1], sentences[i + 2], "a"], "answer": i % 3}
+          for i in range(6)]
+    own = PeftModel.from_pretrained(fx.load_base(base, "llama")[0], str(adapter)).eval()
+    tok = load_tokenizer(str(base))
+
+    def greedy(prompt):  # the adapter's own continuation: a ROUGE-L of 1 where it is the answer
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        out = own.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    gen = [{"prompt": sentences[i], "answer": greedy(sentences[i]) if i % 2 else sentences[i + 1]} for i in range(5)]
+    tasks = []
+    for name, records, metric in (("mc", mc, "mc_accuracy"), ("gen", gen, "rouge_l")):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tasks.append({"name": name, "data": str(path), "adapter": str(adapter), "metric": metric, "max_new_tokens": 6})
+    cfg = {"base_model": str(base), "tasks": tasks, "device": "cpu", "dtype": "float32", "progress": False,
+           "batch_size": 4, "per_item": True}
+    rows = {r["method"]: r for r in evaluate(cfg)["rows"]}
+    for name, records, metric in (("mc", mc, "mc_accuracy"), ("gen", gen, "rouge_l")):
+        items = rows["individual"]["items"][name]
+        assert len(items) == len(records)
+        assert sum(items) / len(items) == pytest.approx(rows["individual"]["scores"][name])
+        alone = [score(own, tok, [r], metric, 6, 1, "cpu") for r in records]
+        assert items == pytest.approx(alone, abs=1e-9) and 0 < sum(items) < len(items)
+    assert "items" not in evaluate({**cfg, "per_item": False})["rows"][0]
