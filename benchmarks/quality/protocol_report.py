@@ -96,15 +96,17 @@ def plot(test_rows: list[dict], timing_rows: list[dict], n_timing: int, path: st
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     methods = sorted({r["method"] for r in test_rows})
     timed = {r["method"]: r for r in timing_rows if r["n"] == n_timing}
-    for m in methods:
+    palette = plt.cm.tab20.colors  # more methods than the default cycle's ten colours
+    for index, m in enumerate(methods):
         mine = [r for r in test_rows if r["method"] == m]
         points = sorted((r["n"], r["normalized_mean"]) for r in mine if "normalized_mean" in r)
-        style = dict(lw=2.5, color="black") if m == "iteris" else dict(lw=1, alpha=0.8)
+        color = "black" if m == "iteris" else palette[index % len(palette)]
+        style = dict(lw=2.5 if m == "iteris" else 1, color=color)
         left.plot([n for n, _ in points], [v for _, v in points], "o-", label=m, **style)
         at = next((v for n, v in points if n == n_timing), None)
         seconds = (timed.get(m) or next((r for r in mine if r["n"] == n_timing), {})).get("seconds")
         if at is not None and seconds:
-            right.scatter(seconds, at, s=60 if m == "iteris" else 25, color="black" if m == "iteris" else None)
+            right.scatter(seconds, at, s=60 if m == "iteris" else 25, color=color)
             right.annotate(m, (seconds, at), fontsize=8, xytext=(4, 2), textcoords="offset points")
     left.axhline(1.0, color="gray", ls=":")
     left.set_xlabel("adapters merged (N)")
