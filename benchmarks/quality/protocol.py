@@ -32,6 +32,7 @@ import torch
 
 import iteris
 from iteris.evaluate import evaluate
+from protocol_report import best_rows
 from run_benchmark import FAMILIES
 
 HERE = Path(__file__).resolve().parent
@@ -100,7 +101,7 @@ def merge_row(tasks: list[str], method: str, params: dict, out: Path, samples: i
 
 
 def score(tasks: list[str], split: str, models: dict[str, str], reference: bool) -> dict:
-    """{row: {task: score}} for the models (and base / individual when ``reference``); a model's row also
+    """{row: iteris eval's row} for the models (and base / individual when ``reference``); a model's row also
     holds each record's score under "items" (two rows compared record by record)."""
     name, family = SETTINGS["family"], FAMILIES[SETTINGS["family"]]
     metric = lambda t: family.get("metric") or json.loads((HERE / "data" / t / "task.json").read_text())["metric"]
@@ -113,8 +114,7 @@ def score(tasks: list[str], split: str, models: dict[str, str], reference: bool)
         "include_base": reference, "device": "auto", "dtype": "auto", "batch_size": SETTINGS["eval_batch"],
         "progress": False, "per_item": not reference,
     }
-    rows = evaluate(cfg)["rows"]
-    return {row["method"]: row["scores"] for row in rows} if reference else {row["method"]: row for row in rows}
+    return {row["method"]: row for row in evaluate(cfg)["rows"]}
 
 
 def normalized(scores: dict, individual: dict) -> float:
@@ -146,7 +146,8 @@ def reference_rows(split: str, path: Path, copy_from: Path | None) -> dict:
             results["reference"], results["reference_seconds"] = source["reference"], source["reference_seconds"]
         else:
             t0 = time.perf_counter()
-            results["reference"] = score(ORDERS[SETTINGS["family"]], split, {}, reference=True)
+            rows = score(ORDERS[SETTINGS["family"]], split, {}, reference=True)
+            results["reference"] = {name: row["scores"] for name, row in rows.items()}
             results["reference_seconds"] = time.perf_counter() - t0
         save(results, path)
     return results
@@ -188,12 +189,7 @@ def scored_row(tasks: list[str], split: str, label: str, merged: Path, reference
 
 def chosen(tuned: list[dict]) -> dict[str, dict]:
     """Each method's best parameters (normalized mean) among the tuning rows of one or more files."""
-    best: dict[str, dict] = {}
-    for row in (r for t in tuned for r in t["rows"].values()):
-        if "normalized_mean" in row and (row["method"] not in best
-                                         or row["normalized_mean"] > best[row["method"]]["normalized_mean"]):
-            best[row["method"]] = row
-    return {m: r["parameters"] for m, r in best.items()}
+    return {m: r["parameters"] for m, r in best_rows(r for t in tuned for r in t["rows"].values()).items()}
 
 
 def main():

@@ -24,14 +24,19 @@ def rows_of(paths: list[str]) -> list[dict]:
     return out
 
 
-def chosen_values(tune_rows: list[dict]) -> dict[str, tuple[str, float]]:
-    """method -> ('knob=value', validation normalized mean) of its best tuning row."""
+def best_rows(rows) -> dict[str, dict]:
+    """method -> its tuning row with the highest normalized mean (rows that failed are skipped)."""
     best: dict[str, dict] = {}
-    for row in tune_rows:
+    for row in rows:
         if "normalized_mean" in row and (row["method"] not in best
                                          or row["normalized_mean"] > best[row["method"]]["normalized_mean"]):
             best[row["method"]] = row
-    return {m: (r["label"].split(" ", 2)[2], r["normalized_mean"]) for m, r in best.items()}
+    return best
+
+
+def chosen_values(tune_rows: list[dict]) -> dict[str, tuple[str, float]]:
+    """method -> ('knob=value', validation normalized mean) of its best tuning row."""
+    return {m: (r["label"].split(" ", 2)[2], r["normalized_mean"]) for m, r in best_rows(tune_rows).items()}
 
 
 def noise(reference: dict, tasks: list[str], records: dict[str, int]) -> float:

@@ -90,12 +90,15 @@ class ModelFit:
     dtype: torch.dtype
     _engine: object
     _batches: list[list[Batch]]
+    _installed: dict | None = None  # the deltas the merged variant holds (one step runs every task on them)
 
     def output(self, deltas: dict, task: int, batch: int) -> torch.Tensor:
         """The model's output (``logits``, in ``dtype``) with ``deltas`` as the merged model's updates;
         differentiable in the deltas' tensors where autograd is on."""
         e = self._engine
-        e.injector.set_variant(MERGED, deltas)
+        if deltas is not self._installed:
+            e.injector.set_variant(MERGED, deltas)
+            self._installed = deltas
         with e.injector.use(MERGED, e.merged_overrides[task]):
             out = e.model(**self._batches[task][batch].for_merged().inputs)
         return getattr(out, "logits", out).to(self.dtype)

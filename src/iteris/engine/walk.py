@@ -161,11 +161,7 @@ class DistilledSweep:
                                [(i, j) for i, task in enumerate(sweep.task_batches) for j in range(len(task))],
                                own_energy(own_inputs, states, sweep.task_batches, device), block, device, dtype,
                                engine, sweep.task_batches, states)
-                start = time.perf_counter()
-                with fit.frozen_block():
-                    fitted = self.fit(fit)
-                finite.check_deltas(fitted, f"{sweep.label} (block fit)")
-                engine.fit_seconds += time.perf_counter() - start
+                fitted = _run_fit(engine, self.fit, fit, fit.frozen_block(), f"{sweep.label} (block fit)")
                 sweep.result.update(fitted)
                 engine.set_merged(sweep.result)
             sweep.propagate(block, states)
@@ -191,12 +187,18 @@ class WholeModelFit:
         weight = engine.layers[layers[0]].weight
         fit = ModelFit(layers, [len(t) for t in sweep.task_batches], weight.device,
                        torch.promote_types(weight.dtype, torch.float32), engine, sweep.task_batches)
-        start = time.perf_counter()
         try:
-            with frozen(engine.model), torch.enable_grad():
-                fitted = self.fit(fit)
+            return _run_fit(engine, self.fit, fit, frozen(engine.model), f"{sweep.label} (model fit)")
         finally:
             engine.set_merged({})
-        finite.check_deltas(fitted, f"{sweep.label} (model fit)")
-        engine.fit_seconds += time.perf_counter() - start
-        return fitted
+
+
+def _run_fit(engine, fit: Callable, data, weights_frozen, where: str) -> dict:
+    """A method's fit, with the model's own weights out of autograd (``weights_frozen``) and autograd on; its
+    deltas checked finite, its seconds counted."""
+    start = time.perf_counter()
+    with weights_frozen, torch.enable_grad():
+        fitted = fit(data)
+    finite.check_deltas(fitted, where)
+    engine.fit_seconds += time.perf_counter() - start
+    return fitted
