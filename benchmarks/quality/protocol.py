@@ -44,7 +44,8 @@ ORDERS = {
 }
 FULL_RANK = 4096  # above every layer's size: a dense result is written whole (exact), not cut to sum r_i
 
-# method -> (main knob, values tried on validation, fixed parameters). Three values each.
+# method -> (main knob, values tried on validation, fixed parameters). Three values each; the two methods
+# whose best value sat at the edge of the three (IterIS and ProDistill, both at 3e-2) got a fourth, 1e-1.
 GRID = {
     "task_arithmetic": ("scale", [0.3, 0.5, 1.0], {}),
     "ties": ("density", [0.2, 0.5, 0.8], {}),
@@ -57,10 +58,10 @@ GRID = {
     "regmean": ("reduction", [0.5, 0.9, 1.0], {}),
     "regmean_plusplus": ("reduction", [0.5, 0.9, 1.0], {}),
     # 5 epochs, not the authors' 50: at N = 8 that is 160 steps a block, IterIS's refinement has 256
-    "prodistill": ("lr", [0.003, 0.01, 0.03], {"epochs": 5}),
+    "prodistill": ("lr", [0.003, 0.01, 0.03, 0.1], {"epochs": 5}),
     # the default a GPU user gets (sequential, 256 refinement steps), asked for explicitly so that a CPU run
     # (whose default has no refinement) measures the same method
-    "iteris": ("refine_lr", [3e-3, 1e-2, 3e-2], {"refine_steps": 256}),
+    "iteris": ("refine_lr", [3e-3, 1e-2, 3e-2, 1e-1], {"refine_steps": 256}),
     # entropy of a classifier's predictions: the encoder classification tasks only; 100 steps, not the
     # authors' 500: each step runs the whole model on a batch of every task (at N = 7, 100 steps take
     # 5 minutes on 2 CPU cores)
@@ -77,8 +78,10 @@ def tasks_for(n: int) -> list[str]:
     return ORDERS[SETTINGS["family"]][:n]
 
 
-def merge_row(tasks: list[str], method: str, params: dict, out: Path, samples: int) -> dict:
-    """Merge, save under ``out``; seconds and peak GPU memory of the merge alone."""
+def merge_row(tasks: list[str], method: str, params: dict, out: Path, samples: int,
+              calibration: dict | None = None) -> dict:
+    """Merge, save under ``out``; seconds and peak GPU memory of the merge alone. ``calibration``: changes to
+    the calibration settings every method gets (``{"generate": true}``: each adapter's own continuations)."""
     family = FAMILIES[SETTINGS["family"]]
     adapters = [{"name": t, "path": str(HERE / "adapters" / SETTINGS["family"] / t),
                  "data": str(HERE / "data" / t / family["calibration"])} for t in tasks]
@@ -89,7 +92,7 @@ def merge_row(tasks: list[str], method: str, params: dict, out: Path, samples: i
     result = iteris.merge({
         "base_model": str(family["base"]()), "method": method, "parameters": params, "device": "auto",
         "dtype": "auto", "rank": FULL_RANK if method in DENSE else None,
-        "calibration": {"samples": samples, "max_length": 384, "batch_size": 16},
+        "calibration": {"samples": samples, "max_length": 384, "batch_size": 16, **(calibration or {})},
         "adapters": adapters, "progress": False, **family["merge"],
     })
     seconds = time.perf_counter() - start
@@ -153,18 +156,20 @@ def reference_rows(split: str, path: Path, copy_from: Path | None) -> dict:
     return results
 
 
-def run_rows(rows: dict[str, tuple[int, str, dict]], split: str, path: Path, samples: int,
+def run_rows(rows: dict[str, tuple], split: str, path: Path, samples: int,
              copy_from: Path | None = None, merge_only: bool = False) -> dict:
-    """rows: label -> (N, method, parameters). Reference rows first (all tasks), then each row."""
+    """rows: label -> (N, method, parameters[, calibration changes]). Reference rows first (all tasks), then
+    each row."""
     results = reference_rows(split, path, copy_from) if not merge_only else {**load(path), "merge_only": True}
     with tempfile.TemporaryDirectory() as scratch:
-        for label, (n, method, params) in rows.items():
+        for label, (n, method, params, *calibration) in rows.items():
             if label in results["rows"]:
                 continue
             tasks = tasks_for(n)
-            row = {"n": n, "method": method, "parameters": params}
+            calibration = calibration[0] if calibration else None
+            row = {"n": n, "method": method, "parameters": params, **({"calibration": calibration} if calibration else {})}
             try:
-                row.update(merge_row(tasks, method, params, Path(scratch) / "m", samples))
+                row.update(merge_row(tasks, method, params, Path(scratch) / "m", samples, calibration))
                 if not merge_only:
                     row.update(scored_row(tasks, split, label, Path(scratch) / "m", results["reference"]))
             except Exception as exc:  # a method that fails is a row that says so
@@ -187,9 +192,11 @@ def scored_row(tasks: list[str], split: str, label: str, merged: Path, reference
             "gain_kept": {t: (scores[t] - base[t]) / (individual[t] - base[t]) for t in tasks}, "items": row["items"]}
 
 
-def chosen(tuned: list[dict]) -> dict[str, dict]:
-    """Each method's best parameters (normalized mean) among the tuning rows of one or more files."""
-    return {m: r["parameters"] for m, r in best_rows(r for t in tuned for r in t["rows"].values()).items()}
+def chosen(tuned: list[dict]) -> dict[str, tuple[dict, dict | None]]:
+    """Each method's best parameters and calibration changes (normalized mean) among the tuning rows of one or
+    more files."""
+    return {m: (r["parameters"], r.get("calibration"))
+            for m, r in best_rows(r for t in tuned for r in t["rows"].values()).items()}
 
 
 def main():
@@ -199,7 +206,10 @@ def main():
     parser.add_argument("--n", default="8")
     parser.add_argument("--methods", default=None, help="default: every method of the grid the family can run")
     parser.add_argument("--params", help="test stage: tuning results files (comma-separated); each method's best row")
-    parser.add_argument("--rows", help="rows stage: JSON {label: [N, method, parameters]}")
+    parser.add_argument("--rows", help="rows stage: JSON {label: [N, method, parameters(, calibration changes)]}")
+    parser.add_argument("--values", help="tune stage: only these of the grid's values (comma-separated)")
+    parser.add_argument("--calibration", help="tune stage: JSON changes to every row's calibration settings "
+                                              "(the labels name them)")
     parser.add_argument("--reference", help="a results file whose base and individual rows are copied")
     parser.add_argument("--merge-only", action="store_true", help="merge seconds and peak memory, no scoring")
     parser.add_argument("--split", default=None)
@@ -216,12 +226,15 @@ def main():
         reference_rows(args.split or "val", Path(args.out), None)
         return
     if args.stage == "tune":
-        rows = {f"n{n} {m} {GRID[m][0]}={v:g}": (n, m, {**GRID[m][2], GRID[m][0]: v})
-                for n in ns for m in methods for v in GRID[m][1]}
+        only = {float(v) for v in args.values.split(",")} if args.values else None
+        calibration = json.loads(args.calibration) if args.calibration else None
+        suffix = "".join(f" {k}={v}" for k, v in (calibration or {}).items())
+        rows = {f"n{n} {m} {GRID[m][0]}={v:g}{suffix}": (n, m, {**GRID[m][2], GRID[m][0]: v}, calibration)
+                for n in ns for m in methods for v in GRID[m][1] if only is None or v in only}
         split = args.split or "val"
     elif args.stage == "test":
         params = chosen([json.loads(Path(p).read_text()) for p in args.params.split(",")])
-        rows = {f"n{n} {m}": (n, m, params[m]) for n in ns for m in methods if m in params}
+        rows = {f"n{n} {m}": (n, m, *params[m]) for n in ns for m in methods if m in params}
         split = args.split or "test"
     else:
         rows = {k: tuple(v) for k, v in json.loads(args.rows).items()}

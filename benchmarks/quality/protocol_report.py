@@ -142,6 +142,7 @@ def main():
     parser.add_argument("--timing", nargs="*", default=[])
     parser.add_argument("--n-timing", type=int, default=8)
     parser.add_argument("--plot")
+    parser.add_argument("--ours", default="iteris", help="the method every other is compared with, record by record")
     parser.add_argument("--title", default="SmolLM2-135M")
     parser.add_argument("--time-note", default="", help="appended to the time axis's label (how the runs were timed)")
     parser.add_argument("--combine", nargs=2, metavar=("TUNE_OUT", "TEST_OUT"),
@@ -167,9 +168,11 @@ def main():
     for n in sorted({r["n"] for r in test_rows}):
         ranked = sorted((r for r in test_rows if r["n"] == n and "normalized_mean" in r),
                         key=lambda r: -r["normalized_mean"])
-        if len(ranked) > 1 and (paired := paired_difference(ranked[0], ranked[1], individual)):
-            print(f"N = {n}: {ranked[0]['method']} - {ranked[1]['method']} = {paired[0]:+.3f} "
-                  f"(paired standard error {paired[1]:.3f})")
+        ours = next((r for r in ranked if r["method"] == args.ours), None)
+        for other in (r for r in ranked if ours is not None and r is not ours):
+            if paired := paired_difference(ours, other, individual):
+                print(f"N = {n}: {args.ours} - {other['method']} = {paired[0]:+.3f} "
+                      f"(paired standard error {paired[1]:.3f}, {paired[0] / max(paired[1], 1e-12):+.1f} SE)")
     if args.plot:
         plot(test_rows, timing_rows, args.n_timing, args.plot, args.title, args.time_note)
 
