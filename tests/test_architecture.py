@@ -14,9 +14,9 @@ LAYERS = [
     ("engine", ["engine", "engine.*"]),
     ("methods", ["methods", "methods.*"]),
     ("run", ["run"]),
-    ("families", ["families", "families.*", "output"]),
+    ("families", ["families", "families.*", "output", "card", "plots"]),
     ("scoring", ["scoring", "evaluate"]),
-    ("orchestrator", ["merge"]),
+    ("orchestrator", ["merge", "live"]),
     ("face", ["cli", "__main__", "demo", "assets", "__init__"]),
 ]
 MAX_MODULE_LINES = 500

@@ -9,11 +9,12 @@ import types
 
 from .errors import IterisError
 
-__all__ = ["merge", "MergeResult", "MergeConfig", "load_config", "IterisError", "METHODS"]
+__all__ = ["merge", "add_merged_adapter", "MergeResult", "MergeConfig", "load_config", "IterisError", "METHODS"]
 __version__ = "0.1.0"
 
 _LAZY = {
     "merge": ("merge", "merge"),
+    "add_merged_adapter": ("live", "add_merged_adapter"),
     "MergeResult": ("merge", "MergeResult"),
     "MergeConfig": ("config", "MergeConfig"),
     "load_config": ("config", "load_config"),

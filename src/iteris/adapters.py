@@ -106,8 +106,14 @@ def load_adapter(name: str, path: str | Path) -> LoraAdapter:
         raise IterisError(f"adapter '{name}': {cfg_file} must hold a JSON object (PEFT's LoraConfig), got "
                           f"{type(cfg).__name__}")
     _check_config(name, directory, cfg)
-    r_default, alpha_default, rank_pattern, alpha_pattern, rslora = _scaling(name, cfg_file, cfg)
-    tensors = _read_weights(directory)
+    return adapter_from_state(name, directory, cfg, _read_weights(directory), cfg_file)
+
+
+def adapter_from_state(name: str, directory: Path, cfg: dict, tensors: dict[str, torch.Tensor],
+                       cfg_file: Path | None = None) -> LoraAdapter:
+    """An adapter from PEFT's saved form (its config dict and state dict), read from files or from a live model
+    (``peft.get_peft_model_state_dict``): one reading, the same checks either way."""
+    r_default, alpha_default, rank_pattern, alpha_pattern, rslora = _scaling(name, cfg_file or directory, cfg)
 
     a_tensors: dict[str, torch.Tensor] = {}
     b_tensors: dict[str, torch.Tensor] = {}

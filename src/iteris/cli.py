@@ -33,7 +33,12 @@ def _cmd_merge(args) -> int:
         "merge_into_base": True if args.merge_into_base else None,
         "progress": False if args.quiet else None,
     }
-    result = merge(args.config, out=args.out, force=args.force, **overrides)
+    if args.dry_run:
+        from .plan import plan_merge
+
+        print(plan_merge(args.config, out=args.out, force=args.force, **overrides).describe())
+        return 0
+    result = merge(args.config, out=args.out, force=args.force, plot=args.plot, **overrides)
     if result.report.get("distributed") and int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 speaks for the run
     if parameters == {}:
@@ -67,13 +72,24 @@ def _cmd_eval(args) -> int:
     config_file = cfg.config_file
     cfg = load_eval_config({**asdict(cfg), **overrides, "progress": not args.quiet})
     cfg.config_file = config_file
+    if args.plot and not args.out:
+        raise IterisError("--plot writes scores.png beside results.json: give --out too")
     if args.out:
         check_output_dir(args.out, args.force, cfg.inputs())  # before any model loads
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
     results = evaluate(cfg)
     print(format_table(results))
     if args.out:
-        write_results(results, args.out, args.force, cfg.inputs())
-        print(f"\nresults.json and results.md written to {args.out}")
+        write_results(results, args.out, args.force, cfg.inputs(), plot=args.plot)
+        print(f"\nresults.json and results.md{' and scores.png' if args.plot else ''} written to {args.out}")
+    if args.update_cards:
+        from .evaluate import update_cards
+
+        for path in update_cards(results, cfg):
+            print(f"scores written into the model card {path}")
     return 0
 
 
@@ -98,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--method", help="override the config's method")
     m.add_argument("--merge-into-base", action="store_true", help="save a full model instead of an adapter")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.add_argument("--plot", action="store_true",
+                   help="also draw IterIS's per-round change and each layer's compression error (needs iteris[plot])")
+    m.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the plan (targets, ranks, output size, memory and time "
+                        "estimates) without merging or writing")
     m.set_defaults(func=_cmd_merge)
 
     ls = sub.add_parser("methods", help="list merge methods and their parameters")
@@ -110,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device")
     e.add_argument("--dtype")
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--plot", action="store_true", help="also draw the scores per task (scores.png; needs iteris[plot])")
+    e.add_argument("--update-cards", action="store_true",
+                   help="write each merged model's scores into the model card (README.md) iteris wrote beside it")
     e.set_defaults(func=_cmd_eval)
 
     d = sub.add_parser("demo", help="merge the shipped SmolLM2 task adapters with each method and score them (CPU)")

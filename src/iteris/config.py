@@ -20,11 +20,11 @@ class CalibrationConfig:
     max_length: int = 256  # tokens per sample after truncation
     field: str = "text"  # the sample text's column / key
     prompt_field: str | None = None  # with response_field: prompt + separator + response
-    response_field: str | None = None
+    response_field: str | None = None  # with prompt_field (encoder-decoder: the decoder's text)
     target_field: str | None = "target"  # encoder-decoder: the decoder's text, when the record has it
-    separator: str = "\n"
+    separator: str = "\n"  # between prompt and response
     seed: int = 42  # which samples are drawn
-    batch_size: int = 8
+    batch_size: int = 8  # samples per forward pass (padding never counts in the statistics)
     generate: bool = False  # causal LMs: append each adapter's own greedy continuation to the sample
     max_new_tokens: int = 64  # for generated decoder targets / continuations
     stats_dtype: Literal["auto", "float32", "float64"] = "auto"  # statistics' accumulation dtype: auto = float64 on CPU, float32 on GPU (solves: float64)
@@ -77,31 +77,31 @@ Dtype = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"
 
 @dataclass
 class AdapterSpec:
-    name: str
-    path: str
-    data: str | None = None
-    weight: float = 1.0
+    name: str  # letters, digits, -, _ and . (it can name an output sub-directory)
+    path: str  # a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)
+    data: str | None = None  # calibration data: JSONL / JSON, text, CSV / TSV, Parquet or a save_to_disk directory
+    weight: float = 1.0  # this adapter's weight in the merge
     field: str | None = None  # overrides calibration.field for this adapter's data
-    samples: int | None = None
+    samples: int | None = None  # overrides calibration.samples for this adapter
     trigger: str | None = None  # diffusion: put before every prompt that lacks it (a LoRA's trigger word)
 
 
 @dataclass
 class MergeConfig:
-    base_model: str
-    adapters: list[AdapterSpec]
+    base_model: str  # the model every adapter was trained from: a directory or a Hub id
+    adapters: list[AdapterSpec]  # two or more (see the adapters: entries)
     model_type: Literal["auto", "transformers", "diffusion"] = "auto"  # auto (a diffusers pipeline directory is detected) | transformers | diffusion
-    method: str = "iteris"
-    parameters: dict = field(default_factory=dict)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    method: str = "iteris"  # any name `iteris methods` lists
+    parameters: dict = field(default_factory=dict)  # the method's (Methods: parameters)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # see calibration:
     tokenizer: str | None = None  # defaults to base_model
-    device: str = "auto"
+    device: str = "auto"  # cpu, cuda, cuda:1 (auto: cuda if available)
     device_map: DeviceMap | None = None  # auto | balanced | balanced_low_0 | sequential: spread the model over the GPUs
     dtype: Dtype = "auto"  # model dtype for the forward passes
     rank: int | None = None  # compress the merged LoRA to this rank by SVD (error reported)
     merge_into_base: bool = False  # save a full model instead of an adapter
     modules_to_save: str = "auto"  # auto | per_adapter | drop | <adapter name>
-    progress: bool = True
+    progress: bool = True  # progress bars
     # code shipped beside a model (its config's auto_map) runs only when this says so
     trust_remote_code: bool = False
 

@@ -49,30 +49,30 @@ METRICS = typing.get_args(Metric)
 @dataclass
 class EvalTask:
     name: str
-    data: str
+    data: str  # JSONL records: their keys decide the metric unless metric is set
     adapter: str | None = None  # the task's own adapter (the "individual" row)
-    metric: Metric | None = None
+    metric: Metric | None = None  # mc_accuracy, exact_match, rouge_l, perplexity or accuracy
     limit: int | None = None  # evaluate only the first N records
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # generated tokens for exact_match and rouge_l
 
 
 @dataclass
 class EvalModel:
-    name: str
-    path: str
+    name: str  # the row's name
+    path: str  # a merged adapter or model directory (with one sub-directory per task: used per task)
 
 
 @dataclass
 class EvalConfig:
     base_model: str
     tasks: list[EvalTask]
-    models: list[EvalModel] = field(default_factory=list)
-    tokenizer: str | None = None
+    models: list[EvalModel] = field(default_factory=list)  # rows scored on every task
+    tokenizer: str | None = None  # defaults to base_model
     task_type: str | None = None  # defaults to the adapters' own
     device: str = "auto"
     dtype: Dtype = "auto"
     batch_size: int = 8
-    progress: bool = True
+    progress: bool = True  # progress bars
     include_base: bool = True  # the "base" row (the model without any adapter)
     trust_remote_code: bool = False  # run code shipped with the model (its config's auto_map)
     per_item: bool = False  # also keep each record's score (rows compared record by record: a paired noise)
@@ -383,9 +383,34 @@ def _scored(row: str, task: str, run):
                           "fault, so no score is reported") from None
 
 
-def write_results(results: dict, out: str | Path, force: bool = False, inputs=()) -> None:
-    """results.json and results.md, written atomically; an existing non-empty ``out`` only with ``force``."""
+def write_results(results: dict, out: str | Path, force: bool = False, inputs=(), plot: bool = False) -> None:
+    """results.json and results.md (and with ``plot`` scores.png), written atomically; an existing non-empty
+    ``out`` only with ``force``."""
 
     with atomic_directory(out, force, inputs) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str, allow_nan=False) + "\n")
         (tmp / "results.md").write_text(format_table(results, markdown=True) + "\n")
+        if plot:
+            from .plots import SCORES, score_figure
+
+            score_figure(results, tmp / SCORES)
+
+
+def update_cards(results: dict, cfg: EvalConfig) -> list[Path]:
+    """Each scored model's row (beside the base and individual rows) written into the card iteris wrote in its
+    directory; a README.md that iteris did not write is left as it is. The cards that changed."""
+    from .card import CARD, update_scores
+
+    tasks = [t.name for t in cfg.tasks]
+    reference = [r for r in results["rows"] if r["method"] in ("base", "individual")]
+    changed = []
+    for model in cfg.models:
+        mine = [r for r in results["rows"] if r["method"] == model.name]
+        table = format_table({**results, "rows": reference + mine}, markdown=True)
+        metrics = ", ".join(f"{t}: {results['metrics'][t]}" for t in tasks)
+        note = (f"Scored by `iteris eval` ({metrics}); normalized mean: each score over the task's own "
+                "adapter's, averaged over the tasks.")
+        card = Path(model.path) / CARD
+        if update_scores(card, f"{note}\n\n{table}"):
+            changed.append(card)
+    return changed

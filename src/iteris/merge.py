@@ -21,19 +21,22 @@ from .families.choose import family_for
 from .families.transformers import MergeResult
 from .methods import get_method
 from .placement import check_output_dir
+from .plots import require_matplotlib
 from .run import Unit, run_unit
 from .schema import build
 
 __all__ = ["MergeResult", "merge", "merge_loaded"]
 
 
-def merge(config, *, out: str | Path | None = None, force: bool = False, **overrides):
+def merge(config, *, out: str | Path | None = None, force: bool = False, plot: bool = False, **overrides):
     """Merge the adapters a config names. ``config``: path to YAML, dict or MergeConfig.
 
     Keyword overrides replace top-level config keys (method, parameters, device, dtype, rank, ...).
-    With ``out``, the result is also saved there (checked before any work starts).
+    With ``out``, the result is also saved there (checked before any work starts), with ``plot`` its figures.
     """
     t0 = time.perf_counter()
+    if plot:
+        require_matplotlib()
     cfg = with_overrides(load_config(config), overrides)  # a new object: the caller's is never changed
     spec = get_method(cfg.method)
     params = spec.parse_params(cfg.parameters)
@@ -53,7 +56,7 @@ def merge(config, *, out: str | Path | None = None, force: bool = False, **overr
     merged, errors = _run_units(job, spec, params, weights, cfg)
     result = job.finish(merged, errors, t0)
     if out is not None and (ranks is None or ranks.main):  # only rank 0 writes, once every rank has finished
-        result.save(out, force=force)
+        result.save(out, force=force, plot=plot)
     if ranks is not None:
         ranks.barrier()
         del job, merged  # the model (sharded, it holds the process group) goes before the group does

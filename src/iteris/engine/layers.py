@@ -44,6 +44,8 @@ def resolve_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     for name in names:
         try:
             module = model.get_submodule(name)
+            if hasattr(module, "get_base_layer"):  # a layer PEFT wrapped: the merged update sits on what it wraps
+                module = module.get_base_layer()
         except AttributeError:
             raise IterisError(
                 f"the adapters target '{name}', which {type(model).__name__} does not have; the adapters were "

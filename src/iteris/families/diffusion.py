@@ -28,7 +28,9 @@ from ..engine.layers import check_layer_shapes, is_pointwise_conv, resolve_layer
 from ..errors import IterisError
 from ..files import check_pickle
 from ..finite import check_parameters
+from ..card import merge_card, write_card
 from ..output import write_report
+from ..plots import merge_figures
 from ..placement import atomic_directory
 from ..run import Unit, peak_memory
 from .diffusion_lora import DENOISERS, LORA_FILES, lora_components, lora_file, read_lora, write_pipeline_lora
@@ -240,12 +242,15 @@ class PipelineMergeResult:
     def summary(self) -> str:
         return self.report.get("summary", "")
 
-    def save(self, out: str | Path, force: bool = False) -> Path:
+    def save(self, out: str | Path, force: bool = False, plot: bool = False) -> Path:
         start = time.perf_counter()
         with atomic_directory(out, force, self.config.inputs()) as tmp:
             write_pipeline_lora(tmp, self.pipeline_class, self.deltas, self.conv_layers)
             self.report["timings"]["write"] = time.perf_counter() - start
             write_report(tmp, self.report)
+            figures = merge_figures(self.report, tmp) if plot else []
+            write_card(tmp, merge_card(self.report, self.config, library="diffusers", pipeline_tag="text-to-image",
+                                       files=figures))
         return Path(out)
 
 

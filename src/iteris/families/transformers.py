@@ -22,7 +22,9 @@ from ..engine.inject import own
 from ..engine.layers import check_layer_shapes, resolve_layers
 from ..errors import IterisError
 from ..finite import NonFiniteOutputs, check_deltas
+from ..card import merge_card, write_card
 from ..output import write_adapter, write_merged_model, write_report
+from ..plots import merge_figures
 from ..placement import atomic_directory
 from ..run import Unit, peak_memory
 from . import loading, sharded as sharding, text, vision
@@ -45,8 +47,9 @@ class MergeResult:
     def summary(self) -> str:
         return self.report.get("summary", "")
 
-    def save(self, out: str | Path, force: bool = False) -> Path:
-        """Write the adapter(s) and merge_report.json; nothing is left behind if this fails."""
+    def save(self, out: str | Path, force: bool = False, plot: bool = False) -> Path:
+        """Write the adapter(s), merge_report.json and the model card (README.md), with ``plot`` the figures the
+        card shows; nothing is left behind if this fails."""
         start = time.perf_counter()
         cfg = self.config
         check_deltas(self.deltas, "the merged adapter", written_as=torch.float32)
@@ -66,6 +69,11 @@ class MergeResult:
                 shutil.rmtree(tmp / ".adapter")
             self.report["timings"]["write"] = time.perf_counter() - start
             write_report(tmp, self.report)
+            figures = merge_figures(self.report, tmp) if plot else []
+            for sub in self.heads:  # (a card per sub-directory where each adapter's head is written apart)
+                write_card(tmp / sub if sub else tmp, merge_card(
+                    self.report, cfg, library="transformers" if cfg.merge_into_base else "peft",
+                    task_type=self.adapters[0].task_type, files=[f"../{f}" if sub else f for f in figures]))
         return Path(out)
 
 
