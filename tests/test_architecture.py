@@ -16,7 +16,7 @@ LAYERS = [
     ("run", ["run"]),
     ("families", ["families", "families.*", "output", "card", "plots"]),
     ("scoring", ["scoring", "evaluate"]),
-    ("orchestrator", ["merge", "live"]),
+    ("orchestrator", ["merge", "live", "plan"]),
     ("face", ["cli", "__main__", "demo", "assets", "__init__"]),
 ]
 MAX_MODULE_LINES = 500

@@ -149,13 +149,21 @@ _LOAD_OPTIONS = {"ignore_mismatched_sizes": True}
 
 def check_against_base(path: str, adapters, targets: list[str], trust_remote_code: bool = False) -> None:
     """Shape-check the adapters against the base without loading its weights (a model on the meta device)."""
+    meta_model(path, adapters, targets, trust_remote_code)
+
+
+def meta_model(path: str, adapters, targets: list[str], trust_remote_code: bool = False) -> nn.Module:
+    """The base model in the class its adapters were trained on, on the meta device (shapes, no weights), its
+    target layers checked against the adapters."""
     extras = {k: v for a in adapters for k, v in a.extra_tensors.items()}
     auto_cls, config, kwargs = auto_class(path, adapters[0].task_type, extras, trust_remote_code)
     for key, value in kwargs.items():
         setattr(config, key, value)
     with torch.device("meta"):
         model = auto_cls.from_config(config, trust_remote_code=trust_remote_code)
+    model.eval()
     check_layer_shapes(resolve_layers(model, targets), adapters)
+    return model
 
 
 def load_base_model(

@@ -1,0 +1,279 @@
+"""``iteris merge --dry-run``: everything a merge checks, then its plan (adapters, targets, ranks, the output's
+size) and estimates of its peak memory and its time, without loading the base model's weights.
+
+The model is built on the meta device from its config (shapes, no weights); the calibration files are read and
+tokenized, since their token counts size the merge. Memory is a sum of what the engine keeps (weights,
+hidden states at a block boundary, one block's statistics and its float64 solve); time comes from a timed
+probe: one block of the model, with random weights, run on a batch of the calibration's shape.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import check_compatible, check_weights, load_adapter, target_modules
+from .config import load_config, with_overrides
+from .errors import IterisError
+from .methods import get_method
+from .placement import check_output_dir
+
+MB = 2**20
+
+
+@dataclass
+class MergePlan:
+    method: str
+    device: str
+    dtype: str
+    adapters: list[dict]
+    layers: int
+    output_ranks: list[int]
+    output_bytes: int
+    memory: dict[str, float] = field(default_factory=dict)  # bytes by what holds them
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    def describe(self) -> str:
+        ranks = self.output_ranks
+        span = (f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)} to {max(ranks)}") if ranks else "-"
+        lines = [f"dry run: {self.method} on {self.device} ({self.dtype}); nothing was merged or written", "",
+                 "adapters:"]
+        for a in self.adapters:
+            data = f", {a['samples']} samples / {a['tokens']} tokens" if "samples" in a else ""
+            lines.append(f"  {a['name']}: weight {a['weight']:g}, rank {a['ranks']}, {a['layers']} layers{data}")
+        lines += [f"target layers: {self.layers}",
+                  f"output: a LoRA of rank {span}, {self.output_bytes / MB:.1f} MB (float32 factors)"]
+        if self.memory:
+            where = "GPU" if self.device.startswith("cuda") else "CPU (resident)"
+            parts = ", ".join(f"{k} {v / MB:.0f}" for k, v in self.memory.items() if v >= MB / 2)
+            lines.append(f"estimated peak {where} memory: {self.peak_bytes / MB:.0f} MB ({parts})")
+        if self.seconds:
+            parts = ", ".join(f"{k} {v:.3g} s" for k, v in self.seconds.items() if k != "total")
+            lines.append(f"estimated time: {self.seconds['total']:.3g} s ({parts})")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def plan_merge(config, *, out=None, force: bool = False, probe: bool = True, **overrides) -> MergePlan:
+    """The checks of ``merge`` and the plan, with no weights loaded and nothing written."""
+    from .families.choose import family_for
+    from .families import loading
+
+    cfg = with_overrides(load_config(config), overrides)
+    spec = get_method(cfg.method)
+    params = spec.parse_params(cfg.parameters)
+    weights = [float(s.weight) for s in cfg.adapters]
+    family = family_for(cfg, None)
+    family.check(cfg)
+    if out is not None:
+        check_output_dir(out, force, cfg.inputs())
+    adapters = [load_adapter(s.name, s.path) for s in cfg.adapters]
+    check_compatible(adapters)
+    check_weights(adapters, weights, spec.needs_calibration)
+    targets = target_modules(adapters)
+    device = loading.resolve_device(cfg.device)
+    dtype = loading.resolve_dtype(cfg.dtype, device)
+    shapes = _layer_shapes(adapters)
+    ranks = [cfg.rank or sum(a.modules[n].rank for a in adapters if n in a.modules) for n in targets]
+    output_bytes = sum(r * (shapes[n][0] + shapes[n][1]) * 4 for r, n in zip(ranks, targets))
+    plan = MergePlan(method=spec.name, device=device, dtype=str(dtype).replace("torch.", ""), layers=len(targets),
+                     adapters=[{"name": a.name, "weight": w, "ranks": ", ".join(map(str, sorted(set(a.ranks.values())))),
+                                "layers": len(a.modules)} for a, w in zip(adapters, weights)],
+                     output_ranks=ranks, output_bytes=output_bytes)
+    if getattr(family, "__name__", "") == "PipelineJob" or cfg.model_type == "diffusion":
+        plan.notes.append("a diffusers pipeline: the adapters were checked; memory and time are estimated for "
+                          "transformers models only")
+        return plan
+    model = loading.meta_model(cfg.base_model, adapters, targets, cfg.trust_remote_code)
+    weights_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    adapter_bytes = sum(m.A.numel() + m.B.numel() for a in adapters for m in a.modules.values()) * 4
+    plan.memory = {"weights": weights_bytes, "adapters": adapter_bytes}
+    if not spec.needs_calibration:
+        plan.memory = {"adapters": adapter_bytes, "dense deltas": max(
+            (shapes[n][0] * shapes[n][1] * 8 * 2 for n in targets), default=0)}
+        plan.notes.append("a data-free method: the base model's weights are not loaded (its shapes were checked)")
+        _add_runtime(plan, device)
+        return plan
+    lengths = _sample_lengths(cfg, model)
+    for entry, lens in zip(plan.adapters, lengths):
+        entry.update(samples=len(lens), tokens=sum(lens))
+    estimate = _calibrated_memory(cfg, params, model, targets, shapes, lengths, dtype, device)
+    plan.memory.update(estimate)
+    _add_runtime(plan, device)
+    if probe:
+        plan.seconds, why_not = _timed_probe(cfg, spec, params, adapters, weights, model, targets, lengths, dtype,
+                                             device)
+        if why_not:
+            plan.notes.append(why_not)
+    return plan
+
+
+def _layer_shapes(adapters) -> dict[str, tuple[int, int]]:
+    return {n: (m.out_features, m.in_features) for a in adapters for n, m in a.modules.items()}
+
+
+def _add_runtime(plan: MergePlan, device: str) -> None:
+    """On the CPU the peak is the process's resident memory: what torch and transformers take once imported
+    (as this process has them now) comes on top of the tensors."""
+    if not device.startswith("cuda"):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        plan.memory = {"runtime": rss if sys.platform == "darwin" else rss * 1024, **plan.memory}
+
+
+def _sample_lengths(cfg, model) -> list[list[int]]:
+    """Each adapter's calibration samples' token counts, drawn and tokenized as the merge will."""
+    from .data import load_records, select_samples
+    from .families import loading, text
+    from .families.transformers import fit_positions
+
+    missing = [s.name for s in cfg.adapters if not s.data]
+    if missing:
+        raise IterisError(f"this method needs calibration samples: set `data:` for adapter(s) {missing}")
+    fit_positions(cfg.calibration, loading.max_positions(model.config))
+    tokenizer = loading.load_tokenizer(cfg.tokenizer or cfg.base_model, cfg.trust_remote_code)
+    out = []
+    for spec in cfg.adapters:
+        texts = select_samples(load_records(spec.data), cfg.calibration, spec.data, field=spec.field, samples=spec.samples)
+        samples = text.tokenize_samples(tokenizer, texts, model, cfg.calibration.max_length, cfg.calibration.generate)
+        if not samples:
+            raise IterisError(f"adapter '{spec.name}': no calibration sample survived tokenisation")
+        extra = cfg.calibration.max_new_tokens if cfg.calibration.generate else 0
+        out.append([s.tokens + extra for s in samples])
+    return out
+
+
+def _padded(lengths: list[int], batch: int) -> list[tuple[int, int]]:
+    """(rows, padded length) of each batch, in the drawn order."""
+    return [(len(lengths[i:i + batch]), max(lengths[i:i + batch])) for i in range(0, len(lengths), batch)]
+
+
+def _hidden_size(config) -> int:
+    for key in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise IterisError("the base model's config names no hidden size; memory cannot be estimated")
+
+
+def _blocks(model, targets) -> dict[int, list[str]]:
+    """Target layers by the block the walk visits them in; one group for a model that runs whole (every
+    layer's statistics are then kept at once)."""
+    from .engine.blocks import block_list
+
+    found = block_list(model, targets)
+    if found is None:
+        return {0: list(targets)}
+    grouped: dict[int, list[str]] = {}
+    for name, index in found[1].items():
+        grouped.setdefault(index, []).append(name)
+    return grouped
+
+
+def _input_widths(names: list[str], shapes: dict) -> list[int]:
+    """d_in of each distinct input among a block's layers: layers of one parent module with one width read one
+    input (q/k/v, gate/up) and share its statistics (an estimate: the merge finds them on a probe pass)."""
+    return list({(name.rsplit(".", 2)[0], shapes[name][1]): shapes[name][1] for name in names}.values())
+
+
+def _calibrated_memory(cfg, params, model, targets, shapes, lengths, dtype, device) -> dict[str, float]:
+    """What a data-aware merge keeps besides the weights: the block-boundary states of every batch (each
+    adapter's own and the merged model's, a block's inputs and its outputs), one block's statistics per task
+    with their float64 solve, and one batch's activations through one block."""
+    cal = cfg.calibration
+    on_gpu = device.startswith("cuda")
+    act = dtype.itemsize
+    stats = 4 if cal.resolved_stats_dtype(device) == "float32" else 8
+    hidden = _hidden_size(model.config)
+    batches = [_padded(lens, cal.batch_size) for lens in lengths]
+    padded_tokens = sum(r * n for task in batches for r, n in task)
+    widest = max(r * n for task in batches for r, n in task)
+    memory = {}
+    if not (cal.offload_states and on_gpu):
+        memory["hidden states"] = padded_tokens * hidden * act * 4  # own and merged, a block's inputs and outputs
+    tokens = sum(sum(lens) for lens in lengths)
+    n = len(lengths)
+
+    def block_stats(names):
+        widths = _input_widths(names, shapes)
+        # a Gram per task, or the task's rows where every task's tokens together are fewer than d_in
+        grams = sum(min(d * d, tokens * d) for d in widths) * stats * n
+        solve = max(widths) * max(widths) * 8 * 3  # float64: the Grams' sum, its factor, a right side
+        return grams + solve
+
+    memory["statistics"] = max(block_stats(names) for names in _blocks(model, targets).values())
+    widest_layer = max(max(s) for s in shapes.values())
+    memory["activations"] = widest * widest_layer * act * 4
+    refined = hasattr(params, "resolved_refine_steps") and params.resolved_refine_steps("sequential", device)
+    if refined or hasattr(params, "epochs"):
+        memory["activations"] *= 3  # autograd through one block
+    return memory
+
+
+def _timed_probe(cfg, spec, params, adapters, weights, model, targets, lengths, dtype, device):
+    """The merge itself on a small piece: the model cut to its first block (random weights on the device; the
+    checkpoint is never read), one batch per adapter, the adapters' layers in that block. Its capture,
+    solve and fit seconds, scaled to every block and batch (and to every round of the global schedule).
+    Returns (seconds, None), or ({}, why) where the model cannot be cut so."""
+    import dataclasses
+
+    from .engine.blocks import block_list
+    from .engine.forward import TokenSample
+    from .merge import merge_loaded
+
+    cal = cfg.calibration
+    found = block_list(model, targets)
+    if found is None:
+        return {}, "no time estimate: the model does not run its target layers as a chain of blocks"
+    n_blocks = max(found[1].values()) + 1
+    first = {t for t in targets if found[1][t] == 0}
+    rows = min(cal.batch_size, min(len(lens) for lens in lengths))
+    try:
+        small = _one_block_model(model, dtype, device)
+        pieces = [dataclasses.replace(a, modules={k: m for k, m in a.modules.items() if k in first}) for a in adapters]
+        samples = [[TokenSample(input_ids=[1] * n) for n in lens[:rows]] for lens in lengths]
+        _, report = merge_loaded(small, pieces, samples, method=spec.name, parameters=dataclasses.asdict(params),
+                                 weights=weights, calibration=dataclasses.asdict(cal))
+    except Exception as exc:  # an architecture that cannot be cut to one block this way
+        return {}, f"no time estimate: the model could not be cut to one block ({type(exc).__name__}: {exc})"
+    timings = report["timings"]
+    batches = sum(-(-len(lens) // cal.batch_size) for lens in lengths) / len(lengths)  # per adapter
+    seconds = {"capture": timings.get("capture", 0.0) * n_blocks * batches,
+               "solve": timings.get("solve", 0.0) * n_blocks}
+    if timings.get("fit"):
+        seconds["fit"] = timings["fit"] * n_blocks  # a fixed number of steps per block, whatever the batches
+    seconds["total"] = sum(seconds.values())
+    return seconds, None
+
+
+def _one_block_model(model, dtype, device):
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = 1
+    for key, value in list(vars(config).items()):  # per-layer lists (layer_types) cut alike
+        if isinstance(value, list) and len(value) == model.config.num_hidden_layers and key != "architectures":
+            setattr(config, key, value[:1])
+    with torch.device("meta"):
+        small = type(model)._from_config(config)
+    return _materialized(small, dtype, device).eval()
+
+
+def _materialized(block, dtype, device):
+    import copy
+
+    real = copy.deepcopy(block).to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in real.parameters():
+            p.normal_(0, 0.02)
+        for b in real.buffers():
+            if b.is_floating_point():
+                b.fill_(1.0)
+    return real
