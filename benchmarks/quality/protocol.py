@@ -92,7 +92,9 @@ def merge_row(tasks: list[str], method: str, params: dict, out: Path, samples: i
     result = iteris.merge({
         "base_model": str(family["base"]()), "method": method, "parameters": params, "device": "auto",
         "dtype": "auto", "rank": FULL_RANK if method in DENSE else None,
-        "calibration": {"samples": samples, "max_length": 384, "batch_size": 16, **(calibration or {})},
+        # prompts only unless a row says otherwise (the grid was run so; IterIS asks for continuations by default)
+        "calibration": {"samples": samples, "max_length": 384, "batch_size": 16, "generate": False,
+                        **(calibration or {})},
         "adapters": adapters, "progress": False, **family["merge"],
     })
     seconds = time.perf_counter() - start

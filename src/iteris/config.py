@@ -25,7 +25,9 @@ class CalibrationConfig:
     separator: str = "\n"  # between prompt and response
     seed: int = 42  # which samples are drawn
     batch_size: int = 8  # samples per forward pass (padding never counts in the statistics)
-    generate: bool = False  # causal LMs: append each adapter's own greedy continuation to the sample
+    # causal LMs: append each adapter's own greedy continuation to its samples (the merge then sees the tokens
+    # it will write, not only the prompts); auto: where the method asks for it (IterIS where it refines: a GPU)
+    generate: bool | Literal["auto"] = "auto"
     max_new_tokens: int = 64  # for generated decoder targets / continuations
     stats_dtype: Literal["auto", "float32", "float64"] = "auto"  # statistics' accumulation dtype: auto = float64 on CPU, float32 on GPU (solves: float64)
     walk: Literal["auto", "blocks", "model"] = "auto"  # blocks: one block at a time (memory flat in depth); model: whole passes; auto: blocks where possible
@@ -63,6 +65,13 @@ class CalibrationConfig:
         for name in ("height", "width", "guidance_scale"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise IterisError(f"calibration.{name} must be positive, got {getattr(self, name)!r}")
+
+    def resolved_generate(self, params, device: str, causal: bool) -> bool:
+        """auto: on for a causal LM where the method's parameters ask for continuations on this device."""
+        if self.generate != "auto":
+            return self.generate
+        wants = getattr(params, "wants_responses", None)
+        return bool(causal and wants is not None and wants(device))
 
     def resolved_stats_dtype(self, device: str) -> str:
         """auto: float64 on the CPU (exact, and the CPU has no faster path), float32 on a GPU."""

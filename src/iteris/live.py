@@ -44,7 +44,7 @@ def add_merged_adapter(peft_model, adapters: list[str], data: list | None = None
                           "or peft_model.delete_adapter it first")
     cal = build(CalibrationConfig, dict(calibration or {}), "calibration")
     cal.validate()
-    if cal.generate:
+    if cal.generate is True:
         raise IterisError("calibration.generate is for iteris.merge; add_merged_adapter merges on the data given")
     lora = [_loaded_adapter(peft_model, name, get_peft_model_state_dict) for name in adapters]
     model = peft_model.get_base_model()

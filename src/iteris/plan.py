@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -102,6 +103,9 @@ def plan_merge(config, *, out=None, force: bool = False, probe: bool = True, **o
         plan.notes.append("a data-free method: the base model's weights are not loaded (its shapes were checked)")
         _add_runtime(plan, device)
         return plan
+    from .families.transformers import causal_lm
+
+    cfg.calibration.generate = cfg.calibration.resolved_generate(params, device, causal_lm(cfg, adapters))
     lengths = _sample_lengths(cfg, model)
     for entry, lens in zip(plan.adapters, lengths):
         entry.update(samples=len(lens), tokens=sum(lens))
@@ -245,8 +249,20 @@ def _timed_probe(cfg, spec, params, adapters, weights, model, targets, lengths, 
         return {}, f"no time estimate: the model could not be cut to one block ({type(exc).__name__}: {exc})"
     timings = report["timings"]
     batches = sum(-(-len(lens) // cal.batch_size) for lens in lengths) / len(lengths)  # per adapter
-    seconds = {"capture": timings.get("capture", 0.0) * n_blocks * batches,
-               "solve": timings.get("solve", 0.0) * n_blocks}
+    seconds = {}
+    if cal.generate:  # every adapter writes its continuations: one step per new token, every block and the head
+        ids = torch.ones(rows, max(1, round(sum(map(sum, lengths)) / sum(map(len, lengths)))), dtype=torch.long,
+                         device=device)
+        steps = 4
+        started = time.perf_counter()
+        with torch.no_grad():
+            small.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                           min_new_tokens=steps, do_sample=False, pad_token_id=0)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        per_step = (time.perf_counter() - started) / steps
+        seconds["generate"] = per_step * n_blocks * cal.max_new_tokens * batches * len(lengths)
+    seconds.update(capture=timings.get("capture", 0.0) * n_blocks * batches, solve=timings.get("solve", 0.0) * n_blocks)
     if timings.get("fit"):
         seconds["fit"] = timings["fit"] * n_blocks  # a fixed number of steps per block, whatever the batches
     seconds["total"] = sum(seconds.values())

@@ -9,7 +9,7 @@ import torch
 
 def float64_config(base, adapters, data, method="iteris", parameters=None, weights=None, **extra):
     """IterIS with the paper's global rounds unless ``parameters`` name a schedule (the references are the
-    paper's)."""
+    paper's), calibrated on the prompts alone (as the references are)."""
     weights = weights or [1.0] * len(adapters)
     parameters = {"schedule": "global", **(parameters or {})} if method == "iteris" else parameters or {}
     return {
@@ -18,7 +18,7 @@ def float64_config(base, adapters, data, method="iteris", parameters=None, weigh
         "parameters": parameters,
         "dtype": "float64",
         "device": "cpu",
-        "calibration": {"samples": 100, "batch_size": 3, "stats_dtype": "float64", "max_length": 64},
+        "calibration": {"samples": 100, "batch_size": 3, "stats_dtype": "float64", "max_length": 64, "generate": False},
         "adapters": [
             {"name": f"t{i}", "path": str(a), "data": str(d), "weight": w}
             for i, (a, d, w) in enumerate(zip(adapters, data, weights))

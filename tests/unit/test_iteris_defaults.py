@@ -50,3 +50,43 @@ def test_a_default_merge_reports_the_schedule_it_ran(tiny_family_dir, adapters_f
     t5_data = [calibration_file("jsonl_t5", n=3, seed=s) for s in (0, 1)]
     cfg = float64_config(t5, adapters_for("t5", 2), t5_data, parameters={"schedule": "auto"})
     assert iteris.merge(cfg).report["schedule"] == "global"
+
+
+def test_continuations_are_asked_for_where_the_merge_refines():
+    from iteris.config import CalibrationConfig
+
+    auto = CalibrationConfig()
+    assert auto.generate == "auto"
+    assert auto.resolved_generate(_params(), "cuda", causal=True)  # refines on a GPU: its own continuations
+    assert not auto.resolved_generate(_params(), "cpu", causal=True)  # no refinement on a CPU by default
+    assert auto.resolved_generate(_params(refine_steps=4), "cpu", causal=True)
+    assert not auto.resolved_generate(_params(), "cuda", causal=False)  # encoders, encoder-decoders write none
+    assert not auto.resolved_generate(get_method("regmean").parse_params({}), "cuda", causal=True)
+    assert CalibrationConfig(generate=True).resolved_generate(get_method("regmean").parse_params({}), "cpu", True)
+    assert not CalibrationConfig(generate=False).resolved_generate(_params(), "cuda", causal=True)
+
+
+def test_generate_is_read_strictly():
+    from iteris.config import load_config
+
+    base = {"base_model": "b", "adapters": [{"name": "a", "path": "p"}]}
+    for value in ("auto", True, False):
+        assert load_config({**base, "calibration": {"generate": value}}).calibration.generate == value
+    with pytest.raises(IterisError, match="generate"):
+        load_config({**base, "calibration": {"generate": "yes"}})
+
+
+def test_a_refining_merge_of_a_causal_lm_calibrates_on_continuations(tiny_family_dir, adapters_for, calibration_file):
+    import iteris
+
+    from tests.helpers.merging import float64_config
+
+    data = [calibration_file("jsonl", n=3, seed=s) for s in (0, 1)]
+    cfg = float64_config(tiny_family_dir("llama"), adapters_for("llama", 2), data,
+                         parameters={"schedule": "sequential", "refine_steps": 2})
+    prompts = iteris.merge(cfg).report
+    cfg["calibration"] = {**cfg["calibration"], "generate": "auto", "max_new_tokens": 4}
+    continued = iteris.merge(cfg).report
+    assert prompts["calibration"]["generate"] is False and continued["calibration"]["generate"] is True
+    for before, after in zip(prompts["adapters"], continued["adapters"]):
+        assert after["tokens"] > before["tokens"]  # each sample carries the adapter's own continuation

@@ -108,6 +108,15 @@ def resolve_heads(adapters: list[LoraAdapter], policy: str):
     return own_heads, [reference for _ in adapters], {"": dict(reference)}
 
 
+def causal_lm(cfg: MergeConfig, adapters: list[LoraAdapter]) -> bool:
+    """Whether the base model is loaded as a decoder language model (from its config alone)."""
+    config = loading.load_model_config(cfg.base_model, cfg.trust_remote_code)
+    if loading.reads_images(config):
+        return False
+    name = loading.auto_class(cfg.base_model, adapters[0].task_type, {}, cfg.trust_remote_code)[0].__name__
+    return name == "AutoModelForCausalLM"
+
+
 def fit_positions(cal: CalibrationConfig, positions: int | None) -> None:
     """Samples no longer than the model's position table (with room for generated tokens): longer ones are
     cut to it, said aloud when the length was chosen rather than left at its default."""
@@ -154,6 +163,7 @@ class ModelJob:
         unit = Unit(name="", adapters=adapters, report=self.report, device=loading.resolve_device(cfg.device),
                     dense_rank=(lambda n: None) if cfg.merge_into_base else None)
         if spec.needs_calibration:
+            cfg.calibration.generate = cfg.calibration.resolved_generate(params, unit.device, causal_lm(cfg, adapters))
             self._prepare_calibration(unit, own_heads, merged_heads)
         else:
             loading.check_against_base(cfg.base_model, adapters, self.targets, cfg.trust_remote_code)
@@ -267,6 +277,7 @@ class ModelJob:
             "dtype": str(dtype).replace("torch.", ""),
             "stats_dtype": str(unit.options.stats_dtype).replace("torch.", ""),
             "model_kind": "images" if images else kind,
+            "generate": cfg.calibration.generate,
             "walk": "blocks" if engine.walks_blocks else "model",
             **({"sharded_over_processes": self.ranks.world} if unit.sharded else {}),
             "layer_groups": len(engine.groups),
