@@ -109,7 +109,9 @@ def plot(test_rows: list[dict], timing_rows: list[dict], n_timing: int, path: st
         style = dict(lw=2.5 if m == "iteris" else 1, color=color)
         left.plot([n for n, _ in points], [v for _, v in points], "o-", label=m, **style)
         at = next((v for n, v in points if n == n_timing), None)
-        seconds = (timed.get(m) or next((r for r in mine if r["n"] == n_timing), {})).get("seconds")
+        # only merges timed alone where a timing file was given (a shared card's seconds are not comparable)
+        source = timed.get(m, {}) if timed else next((r for r in mine if r["n"] == n_timing), {})
+        seconds = source.get("seconds")
         if at is not None and seconds:
             right.scatter(seconds, at, s=60 if m == "iteris" else 25, color=color)
             right.annotate(m, (seconds, at), fontsize=8, xytext=(4, 2), textcoords="offset points")
@@ -138,7 +140,7 @@ def combine(paths: list[str], out: Path, note: str | None) -> None:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tune", nargs="+", required=True)
-    parser.add_argument("--test", nargs="+", required=True)
+    parser.add_argument("--test", nargs="+", required=True, help="a later file's row replaces an earlier one's")
     parser.add_argument("--timing", nargs="*", default=[])
     parser.add_argument("--n-timing", type=int, default=8)
     parser.add_argument("--plot")
@@ -152,7 +154,9 @@ def main():
     if args.combine:
         for paths, out in zip((args.tune, args.test), args.combine):
             combine(paths, Path(out), args.note)
-    test_rows, timing_rows = rows_of(args.test), rows_of(args.timing)
+    # a later --test file's row for the same method and N replaces an earlier one's (a rerun)
+    test_rows = list({(r["method"], r["n"]): r for r in rows_of(args.test)}.values())
+    timing_rows = rows_of(args.timing)
     chosen = chosen_values(rows_of(args.tune))
     print(table(test_rows, timing_rows, chosen, args.n_timing))
     first = json.loads(Path(args.test[0]).read_text())
