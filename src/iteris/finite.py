@@ -86,8 +86,8 @@ def statistics_tensors(st) -> list[torch.Tensor]:
 class NonFiniteOutputs(IterisError):
     """A model's outputs (logits) are not finite; the caller names the model and the data."""
 
-    def __init__(self):
-        super().__init__("the model's outputs are not finite (NaN or Inf)")
+    def __init__(self, where: str = ""):
+        super().__init__(f"the model's outputs are not finite (NaN or Inf){where}")
 
 
 class FiniteWatch:
@@ -98,13 +98,17 @@ class FiniteWatch:
         self.bad: torch.Tensor | None = None
 
     def __call__(self, input_ids, scores):
-        flag = ~torch.isfinite(scores).all()
+        flag = ~torch.isfinite(scores).all(dim=-1)  # per row: the record can be named
         self.bad = flag if self.bad is None else self.bad | flag
         return scores
 
-    def check(self) -> None:
-        if self.bad is not None and bool(self.bad):
-            raise NonFiniteOutputs
+    def check(self, origins: list | None = None) -> None:
+        """Raises where any step's logits were not finite, naming the first such row's record (``origins``)."""
+        if self.bad is None or not bool(self.bad.any()):
+            return
+        row = int(self.bad.nonzero()[0, 0])
+        origin = origins[row] if origins and row < len(origins) else None
+        raise NonFiniteOutputs(f" while writing a continuation of {origin}" if origin else "")
 
 
 class NonFiniteStatistics(IterisError):

@@ -213,6 +213,9 @@ def _calibrated_memory(cfg, params, model, targets, shapes, lengths, dtype, devi
         return grams + solve
 
     memory["statistics"] = max(block_stats(names) for names in _blocks(model, targets).values())
+    overlapped = getattr(params, "overlaps_solves", lambda: False)()
+    if overlapped and (cal.overlap == "on" or (cal.overlap == "auto" and on_gpu)) and not cal.offload_stats:
+        memory["statistics"] *= 2  # a block's solve runs while the next block is captured
     widest_layer = max(max(s) for s in shapes.values())
     memory["activations"] = widest * widest_layer * act * 4
     refined = hasattr(params, "resolved_refine_steps") and params.resolved_refine_steps("sequential", device)
@@ -222,10 +225,11 @@ def _calibrated_memory(cfg, params, model, targets, shapes, lengths, dtype, devi
 
 
 def _timed_probe(cfg, spec, params, adapters, weights, model, targets, lengths, dtype, device):
-    """The merge itself on a small piece: the model cut to its first block (random weights on the device; the
-    checkpoint is never read), one batch per adapter, the adapters' layers in that block. Its capture,
-    solve and fit seconds, scaled to every block and batch (and to every round of the global schedule).
-    Returns (seconds, None), or ({}, why) where the model cannot be cut so."""
+    """The merge itself on small pieces: the model cut to its first block and to its first two (random weights
+    on the device; the checkpoint is never read), one batch per adapter. What the second block adds is what
+    each further block costs, the rest is paid once; so the seconds scale to every block and batch. Each piece
+    runs twice, the first untimed (a process's first kernels are slow). Returns (seconds, None), or
+    ({}, why) where the model cannot be cut so."""
     import dataclasses
 
     from .engine.blocks import block_list
@@ -237,46 +241,71 @@ def _timed_probe(cfg, spec, params, adapters, weights, model, targets, lengths, 
     if found is None:
         return {}, "no time estimate: the model does not run its target layers as a chain of blocks"
     n_blocks = max(found[1].values()) + 1
-    first = {t for t in targets if found[1][t] == 0}
     rows = min(cal.batch_size, min(len(lens) for lens in lengths))
-    try:
-        small = _one_block_model(model, dtype, device)
-        pieces = [dataclasses.replace(a, modules={k: m for k, m in a.modules.items() if k in first}) for a in adapters]
-        samples = [[TokenSample(input_ids=[1] * n) for n in lens[:rows]] for lens in lengths]
-        _, report = merge_loaded(small, pieces, samples, method=spec.name, parameters=dataclasses.asdict(params),
-                                 weights=weights, calibration=dataclasses.asdict(cal))
-    except Exception as exc:  # an architecture that cannot be cut to one block this way
-        return {}, f"no time estimate: the model could not be cut to one block ({type(exc).__name__}: {exc})"
-    timings = report["timings"]
+    samples = [[TokenSample(input_ids=[1] * n) for n in lens[:rows]] for lens in lengths]
     batches = sum(-(-len(lens) // cal.batch_size) for lens in lengths) / len(lengths)  # per adapter
+
+    def piece(blocks: int) -> dict[str, float]:
+        small = _cut_model(model, blocks, dtype, device)
+        kept = {t for t in targets if found[1][t] < blocks}
+        parts = [dataclasses.replace(a, modules={k: m for k, m in a.modules.items() if k in kept}) for a in adapters]
+        runs = []
+        for _ in range(4):  # the first run pays the process's first-use costs; the median of the rest is kept
+            _, report = merge_loaded(small, parts, samples, method=spec.name, parameters=dataclasses.asdict(params),
+                                     weights=weights, calibration=dataclasses.asdict(cal))
+            timings = dict(report["timings"])
+            if cal.generate:
+                timings["generate"] = _generation_step(small, rows, lengths, device)
+            runs.append(timings)
+        return {key: sorted(r.get(key, 0.0) for r in runs[1:])[1] for key in runs[-1]}
+
+    try:
+        one, two = piece(1), piece(min(2, n_blocks))
+    except Exception as exc:  # an architecture that cannot be cut into blocks this way
+        return {}, f"no time estimate: the model could not be cut to its first blocks ({type(exc).__name__}: {exc})"
+
+    def scaled(key: str) -> float:
+        """Paid once, plus each block past the first at what the second block added."""
+        first, pair = one.get(key, 0.0), two.get(key, 0.0)
+        per_block = max(pair - first, 0.1 * first) if n_blocks > 1 else first
+        return max(first - per_block, 0.0) + per_block * n_blocks
+
     seconds = {}
-    if cal.generate:  # every adapter writes its continuations: one step per new token, every block and the head
-        ids = torch.ones(rows, max(1, round(sum(map(sum, lengths)) / sum(map(len, lengths)))), dtype=torch.long,
-                         device=device)
-        steps = 4
-        started = time.perf_counter()
-        with torch.no_grad():
-            small.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
-                           min_new_tokens=steps, do_sample=False, pad_token_id=0)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        per_step = (time.perf_counter() - started) / steps
-        seconds["generate"] = per_step * n_blocks * cal.max_new_tokens * batches * len(lengths)
-    seconds.update(capture=timings.get("capture", 0.0) * n_blocks * batches, solve=timings.get("solve", 0.0) * n_blocks)
-    if timings.get("fit"):
-        seconds["fit"] = timings["fit"] * n_blocks  # a fixed number of steps per block, whatever the batches
+    if cal.generate:  # one step per new token, for every batch of every adapter
+        seconds["generate"] = scaled("generate") * cal.max_new_tokens * batches * len(lengths)
+    seconds["capture"] = scaled("capture") * batches  # the piece ran one batch per adapter
+    seconds["solve"] = scaled("solve")
+    if one.get("fit"):
+        seconds["fit"] = scaled("fit")  # a fixed number of steps per block, whatever the batches
     seconds["total"] = sum(seconds.values())
     return seconds, None
 
 
-def _one_block_model(model, dtype, device):
+def _generation_step(model, rows: int, lengths, device: str) -> float:
+    """Seconds per new token of a greedy generation on a batch of the calibration's mean length."""
+    mean = max(1, round(sum(map(sum, lengths)) / sum(map(len, lengths))))
+    ids = torch.ones(rows, mean, dtype=torch.long, device=device)
+    steps = 8
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                       do_sample=False, pad_token_id=0)
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def _cut_model(model, blocks: int, dtype, device):
+    """The model's class with only its first ``blocks`` blocks, random weights on the device."""
     import copy
 
     config = copy.deepcopy(model.config)
-    config.num_hidden_layers = 1
+    layers = model.config.num_hidden_layers
+    config.num_hidden_layers = blocks
     for key, value in list(vars(config).items()):  # per-layer lists (layer_types) cut alike
-        if isinstance(value, list) and len(value) == model.config.num_hidden_layers and key != "architectures":
-            setattr(config, key, value[:1])
+        if isinstance(value, list) and len(value) == layers and key != "architectures":
+            setattr(config, key, value[:blocks])
     with torch.device("meta"):
         small = type(model)._from_config(config)
     return _materialized(small, dtype, device).eval()

@@ -457,12 +457,14 @@ def test_an_inf_embedding_row_is_named_before_the_merge(project):
     refused(["merge", proj / "merge.yaml", "--out", work / "merged"], work, "model.embed_tokens.weight", "non-finite")
 
 
-def test_a_sample_whose_activations_overflow_is_named(project, monkeypatch):
+@pytest.mark.parametrize("generate,where", [(False, "model.layers.0"), (True, "writing a continuation")])
+def test_a_sample_whose_activations_overflow_is_named(project, monkeypatch, generate, where):
     """Weights all finite, but one record's tokens give non-finite inputs (as float16 overflow does): the
-    statistics are stopped at the first layer they reach, with the adapter, the layer and the record named."""
+    statistics are stopped at the first layer they reach, with the adapter, the layer and the record named;
+    with continuations asked for, their writing stops at that record, named the same way."""
     proj, work = project
     write_yaml(proj, method="iteris", parameters="{iterations: 1}")
-    edit_yaml(proj, lambda d: d["calibration"].update(samples=6))  # every record drawn
+    edit_yaml(proj, lambda d: d["calibration"].update(samples=6, generate=generate, max_new_tokens=3))  # every record drawn
     records = [json.loads(line) for line in (proj / "data" / "d1.jsonl").read_text().splitlines()]
     from transformers import AutoTokenizer
 
@@ -490,7 +492,7 @@ def test_a_sample_whose_activations_overflow_is_named(project, monkeypatch):
 
     monkeypatch.setattr(models, "load_base_model", load_with_overflow)
     message = refused(["merge", proj / "merge.yaml", "--out", work / "merged"], work, "adapter 'second'",
-                      "model.layers.0", "not finite", "record 1 of", "d1.jsonl")
+                      where, "not finite", "record 1 of", "d1.jsonl")
     assert "first" not in message.split("adapter")[1][:20]
     assert not (work / "merged").exists()
 

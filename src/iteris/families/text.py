@@ -44,7 +44,7 @@ def greedy_continuations(
             pad_token_id=pad_id,
             logits_processor=LogitsProcessorList([watch]),
         ).cpu()
-        watch.check()
+        watch.check([s.origin for s in chunk])
         stops = _stop_ids(model, tokenizer)
         for row, s in enumerate(chunk):
             seq = generated[row, length:] if kind == "causal" else generated[row]

@@ -80,6 +80,10 @@ class IterISParams:
         fits = schedule == "sequential" and not self.with_pretrain_matrix and _on_gpu(device)
         return DEFAULT_REFINE_STEPS if fits else 0
 
+    def overlaps_solves(self) -> bool:
+        """The global rounds solve a block while the next is captured (on a GPU)."""
+        return self.resolved_schedule(True) == "global"
+
     def wants_responses(self, device: str) -> bool:
         """Calibrate on each adapter's own continuations where the merge refines (chosen on the validation
         split: 1.009 against 0.990 at N = 8, benchmarks/quality/results/protocol)."""

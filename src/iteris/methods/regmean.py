@@ -15,6 +15,10 @@ class RegMeanParams:
     reduction: float = param(0.9, "scale of the Grams' off-diagonal entries (RegMean's regulariser)")
     normalize: bool = param(False, "divide each task's Gram by its token count (tasks weigh alike)")
 
+    def overlaps_solves(self) -> bool:
+        """Its sweep solves a block while the next is captured (on a GPU): two blocks' statistics at once."""
+        return True
+
     def validate(self):
         if not 0.0 <= self.reduction <= 1.0:
             raise IterisError(f"regmean: reduction must be in [0, 1], got {self.reduction}")
