@@ -5,6 +5,7 @@ registry) and the architecture (ARCHITECTURE.md)."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import inspect
 import io
 import tokenize
@@ -57,7 +58,8 @@ def _fields_table(cls) -> str:
         else:
             default = "required"
         kind = str(f.type).replace("|", "\\|")
-        rows.append(f"| `{f.name}` | `{kind}` | {default} | {comments.get(f.name, '').replace('|', '/')} |")
+        meaning = html.escape(comments.get(f.name, "")).replace("|", "/")
+        rows.append(f"| `{f.name}` | `{kind}` | {default} | {meaning} |")
     return "\n".join(rows)
 
 
@@ -88,7 +90,7 @@ def methods() -> str:
         described = spec.describe()
         if described:
             parts += ["| parameter | default | meaning |", "|---|---|---|"]
-            parts += [f"| `{p}` | `{d}` | {h.replace('|', '/')} |" for p, d, h in described]
+            parts += [f"| `{p}` | `{d}` | {html.escape(h).replace('|', '/')} |" for p, d, h in described]
         else:
             parts.append("No parameters.")
         parts.append("")

@@ -22,15 +22,29 @@ PIPELINE_TAGS = {  # PEFT task type -> the Hub's pipeline tag
 }
 
 
+def hub_id(config, adapter_configs: list[dict] = ()) -> str | None:
+    """The base model as the Hub names it: the config's, where it is a Hub id rather than a local directory,
+    else the one the adapters were trained from (their base_model_name_or_path), if they agree on one. The Hub
+    refuses a card whose base_model is a local path."""
+    import re
+
+    named = {c.get("base_model_name_or_path") for c in adapter_configs}
+    for candidate in [config.base_model, *(named if len(named) == 1 else ())]:
+        if (isinstance(candidate, str) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", candidate)
+                and not Path(candidate).exists()):
+            return candidate
+    return None
+
+
 def merge_card(report: dict, config, *, library: str, task_type: str | None = None,
-               pipeline_tag: str | None = None, files: list[str] = ()) -> str:
+               pipeline_tag: str | None = None, files: list[str] = (), adapter_configs: list[dict] = ()) -> str:
     """The card's text. ``library``: peft (an adapter), transformers (a model folded whole) or diffusers (a
     pipeline's LoRA); ``files``: other files beside it worth a link (plots)."""
     from huggingface_hub import ModelCardData
 
     method = report.get("method", config.method)
     data = ModelCardData(
-        base_model=config.base_model,
+        base_model=hub_id(config, adapter_configs),  # (None: left out; the local path is in the body)
         library_name=library,
         tags=["merge", "lora", "iteris", method],
         pipeline_tag=pipeline_tag or PIPELINE_TAGS.get(task_type or ""),

@@ -67,9 +67,12 @@ class CalibrationConfig:
                 raise IterisError(f"calibration.{name} must be positive, got {getattr(self, name)!r}")
 
     def resolved_generate(self, params, device: str, causal: bool) -> bool:
-        """auto: on for a causal LM where the method's parameters ask for continuations on this device."""
+        """auto: on for a causal LM (walked block by block, in one process: ``causal``) where the method's
+        parameters ask for continuations on this device, unless the data already holds responses."""
         if self.generate != "auto":
             return self.generate
+        if self.response_field or self.walk == "model":
+            return False
         wants = getattr(params, "wants_responses", None)
         return bool(causal and wants is not None and wants(device))
 

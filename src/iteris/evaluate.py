@@ -410,7 +410,8 @@ def update_cards(results: dict, cfg: EvalConfig) -> list[Path]:
         metrics = ", ".join(f"{t}: {results['metrics'][t]}" for t in tasks)
         note = (f"Scored by `iteris eval` ({metrics}); normalized mean: each score over the task's own "
                 "adapter's, averaged over the tasks.")
-        card = Path(model.path) / CARD
-        if update_scores(card, f"{note}\n\n{table}"):
-            changed.append(card)
+        # the card beside the adapter, and those of per-adapter sub-directories (modules_to_save: per_adapter)
+        for card in [Path(model.path) / CARD] + [Path(model.path) / t / CARD for t in tasks]:
+            if update_scores(card, f"{note}\n\n{table}"):
+                changed.append(card)
     return changed

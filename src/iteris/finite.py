@@ -98,7 +98,9 @@ class FiniteWatch:
         self.bad: torch.Tensor | None = None
 
     def __call__(self, input_ids, scores):
-        flag = ~torch.isfinite(scores).all(dim=-1)  # per row: the record can be named
+        # per row (the record can be named); -inf alone is a mask generation's own processors set (suppressed
+        # tokens, min_new_tokens), not an overflow, unless the whole row is -inf
+        flag = (torch.isnan(scores) | torch.isposinf(scores)).any(dim=-1) | torch.isneginf(scores).all(dim=-1)
         self.bad = flag if self.bad is None else self.bad | flag
         return scores
 

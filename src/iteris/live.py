@@ -24,7 +24,8 @@ def add_merged_adapter(peft_model, adapters: list[str], data: list | None = None
     ``data``: per adapter, a data file (as a merge config's ``data:``), a list of texts, or a list of token id
     lists; texts need ``tokenizer``. ``calibration``: a merge config's calibration settings (samples,
     max_length, seed, batch_size, ...), drawn and tokenized exactly as ``iteris merge`` does, so both give the
-    same adapter. ``parameters``: the method's. The new adapter is added, not activated:
+    same adapter where the merge calibrates on the prompts alone (``calibration.generate: false``; on a GPU
+    IterIS's merge adds each adapter's continuations by default). ``parameters``: the method's. The new adapter is added, not activated:
     ``peft_model.set_adapter(adapter_name)`` to use it.
     """
     from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -46,6 +47,7 @@ def add_merged_adapter(peft_model, adapters: list[str], data: list | None = None
     cal.validate()
     if cal.generate is True:
         raise IterisError("calibration.generate is for iteris.merge; add_merged_adapter merges on the data given")
+    cal.generate = False  # (auto: the data given is what the merge sees)
     lora = [_loaded_adapter(peft_model, name, get_peft_model_state_dict) for name in adapters]
     model = peft_model.get_base_model()
     from .methods import get_method

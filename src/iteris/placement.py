@@ -79,7 +79,8 @@ def hub_cache() -> str | None:
         return None
 
 
-def check_output_dir(out: str | Path | None, force: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+def check_output_dir(out: str | Path | None, force: bool, inputs: Iterable[str | Path | None] = (),
+                     repair: bool = True) -> Path:
     """Where a run may write, decided before any work starts: never an input, a directory holding one or
     inside one (links, bind mounts and case-insensitive names seen through by comparing the files
     themselves), never the working directory, home or ``/`` or a directory holding them, never a non-empty
@@ -107,7 +108,8 @@ def check_output_dir(out: str | Path | None, force: bool, inputs: Iterable[str |
         key = _identity(held)
         if key is not None and key in inside:
             raise IterisError(f"output '{out}' lies inside the input '{source}'; choose an --out outside every input")
-    _stale_temporaries(target)  # (a previous output a killed run had moved aside is back before it is judged)
+    if repair:  # (a previous output a killed run had moved aside is back before it is judged; a dry run only looks)
+        _stale_temporaries(target)
     if out.exists() and not out.is_dir():
         raise IterisError(f"output '{out}' exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:

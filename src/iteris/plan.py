@@ -75,7 +75,7 @@ def plan_merge(config, *, out=None, force: bool = False, probe: bool = True, **o
     family = family_for(cfg, None)
     family.check(cfg)
     if out is not None:
-        check_output_dir(out, force, cfg.inputs())
+        check_output_dir(out, force, cfg.inputs(), repair=False)
     adapters = [load_adapter(s.name, s.path) for s in cfg.adapters]
     check_compatible(adapters)
     check_weights(adapters, weights, spec.needs_calibration)
@@ -94,6 +94,10 @@ def plan_merge(config, *, out=None, force: bool = False, probe: bool = True, **o
                           "transformers models only")
         return plan
     model = loading.meta_model(cfg.base_model, adapters, targets, cfg.trust_remote_code)
+    if loading.reads_images(model.config):
+        plan.notes.append("a model that reads images: the adapters and the model's shapes were checked; memory and "
+                          "time are estimated for text models only")
+        return plan
     weights_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     adapter_bytes = sum(m.A.numel() + m.B.numel() for a in adapters for m in a.modules.values()) * 4
     plan.memory = {"weights": weights_bytes, "adapters": adapter_bytes}
@@ -106,6 +110,8 @@ def plan_merge(config, *, out=None, force: bool = False, probe: bool = True, **o
     from .families.transformers import causal_lm
 
     cfg.calibration.generate = cfg.calibration.resolved_generate(params, device, causal_lm(cfg, adapters))
+    if cfg.calibration.generate:
+        plan.notes.append("calibration: each adapter's own continuations follow its prompts (calibration.generate)")
     lengths = _sample_lengths(cfg, model)
     for entry, lens in zip(plan.adapters, lengths):
         entry.update(samples=len(lens), tokens=sum(lens))

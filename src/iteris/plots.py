@@ -20,25 +20,23 @@ def require_matplotlib() -> None:
                           "(or leave out --plot)") from None
 
 
-def _pyplot():
+def _figure(width: float, height: float):
+    """A figure drawn off-screen without pyplot: a notebook's own backend and figures are left alone."""
     require_matplotlib()
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only: no screen is needed
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
 
 def merge_figures(report: dict, directory: Path) -> list[str]:
     """IterIS's change per round (or each block's residual before and after its refinement) and each layer's
     compression error; returns the files written (names relative to ``directory``)."""
-    plt = _pyplot()
     written = []
     rounds = [r for r in report.get("iterations") or [] if r.get("relative_change") is not None]
     fits = report.get("refinement") or report.get("block_fit") or {}
     if rounds or fits:
-        fig, ax = plt.subplots(figsize=(7, 3.8))
+        fig, ax = _figure(7, 3.8)
         if rounds:
             ax.semilogy([r["iteration"] for r in rounds], [max(r["relative_change"], 1e-16) for r in rounds], "o-")
             ax.set_xlabel("inference-solving round")
@@ -56,9 +54,9 @@ def merge_figures(report: dict, directory: Path) -> list[str]:
             ax.legend()
         _save(fig, directory / CONVERGENCE)
         written.append(CONVERGENCE)
-    errors = (report.get("output") or {}).get("relative_error") or {}
+    errors = _layer_errors(report)
     if errors:
-        fig, ax = plt.subplots(figsize=(max(7, len(errors) * 0.08), 3.8))
+        fig, ax = _figure(max(7, len(errors) * 0.08), 3.8)
         ax.bar(range(len(errors)), list(errors.values()), width=1.0)
         ax.set_xlabel(f"layer ({len(errors)}, in the order of the report)")
         ax.set_ylabel("relative Frobenius error")
@@ -69,12 +67,20 @@ def merge_figures(report: dict, directory: Path) -> list[str]:
     return written
 
 
+def _layer_errors(report: dict) -> dict[str, float]:
+    """Each layer's compression error; a pipeline's components each report their own (named component/layer)."""
+    flat = dict((report.get("output") or {}).get("relative_error") or {})
+    for component, entry in (report.get("components") or {}).items():
+        errors = (entry.get("output") or {}).get("relative_error") or {}
+        flat.update({f"{component}/{layer}": v for layer, v in errors.items()})
+    return flat
+
+
 def score_figure(results: dict, path: Path) -> None:
     """Per task, a bar for the base model, each task's own adapter and every merged model."""
-    plt = _pyplot()
     rows = results["rows"]
     tasks = [t["name"] if isinstance(t, dict) else t for t in results["tasks"]]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+    fig, ax = _figure(max(6, 1.6 * len(tasks) + 2), 4)
     width = 0.8 / max(len(rows), 1)
     for k, row in enumerate(rows):
         values = [row["scores"].get(t) for t in tasks]
@@ -90,8 +96,5 @@ def score_figure(results: dict, path: Path) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

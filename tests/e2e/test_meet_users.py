@@ -42,7 +42,8 @@ def test_every_merge_writes_a_model_card_the_hub_reads(tmp_path, setup):
     iteris.merge(_config(base, adapters, data), out=out)
     card = ModelCard.load(out / "README.md")
     meta = card.data.to_dict()
-    assert meta["base_model"] == str(base)
+    assert "base_model" not in meta  # a local path: the Hub would refuse it (it is named in the body)
+    assert f"`{base}`" in card.text
     assert meta["library_name"] == "peft"
     assert {"merge", "lora", "iteris"} <= set(meta["tags"])
     assert meta["pipeline_tag"] == "text-generation"  # the adapters' task type, CAUSAL_LM
@@ -194,3 +195,20 @@ def test_plot_without_matplotlib_fails_before_any_work(tmp_path, setup, monkeypa
     with pytest.raises(iteris.IterisError, match=r"iteris\[plot\]"):
         iteris.merge(_config(base, adapters, data), out=tmp_path / "m", plot=True)
     assert not (tmp_path / "m").exists()
+
+
+def test_card_names_the_base_by_its_hub_id():
+    from huggingface_hub import ModelCard
+
+    from iteris.card import hub_id, merge_card
+    from iteris.config import load_config
+
+    def config(base):
+        return load_config({"base_model": base, "method": "ties", "adapters": [{"name": "a", "path": "p"}]})
+
+    assert hub_id(config("HuggingFaceTB/SmolLM2-135M-Instruct")) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id(config("/models/smollm2"), [{"base_model_name_or_path": "org/base"}] * 2) == "org/base"
+    assert hub_id(config("/models/smollm2"), [{"base_model_name_or_path": "org/a"}, {"base_model_name_or_path": "org/b"}]) is None
+    assert hub_id(config("/models/smollm2"), [{"base_model_name_or_path": "/elsewhere/base"}]) is None
+    text = merge_card({"method": "ties"}, config("org/base"), library="peft", task_type="CAUSAL_LM")
+    assert ModelCard(text).data.to_dict()["base_model"] == "org/base"

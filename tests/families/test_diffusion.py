@@ -149,6 +149,11 @@ def test_merged_lora_loads_in_diffusers_and_reproduces_the_merged_denoiser(tmp_p
     assert set(result.deltas) == {"text_encoder", "unet"}
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert report["pipeline"] == "StableDiffusionPipeline" and report["output"]["exact"]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "out" / "README.md")  # the pipeline's LoRA has its model card too
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert "| cube |" in card.text and "| dog |" in card.text
     # 3 prompts in batches of 2, 2 seeds, 2 recorded steps: 8 denoiser calls per adapter (CFG pairs inside)
     assert report["components"]["unet"]["calibration"]["calls"] == [8, 8]
     assert report["components"]["text_encoder"]["calibration"]["calls"] == [8, 8]  # prompt + negative prompt

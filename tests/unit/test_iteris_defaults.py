@@ -64,6 +64,28 @@ def test_continuations_are_asked_for_where_the_merge_refines():
     assert not auto.resolved_generate(get_method("regmean").parse_params({}), "cuda", causal=True)
     assert CalibrationConfig(generate=True).resolved_generate(get_method("regmean").parse_params({}), "cpu", True)
     assert not CalibrationConfig(generate=False).resolved_generate(_params(), "cuda", causal=True)
+    # the data holds its own responses, or the model runs whole (global rounds: no refinement): prompts as given
+    assert not CalibrationConfig(prompt_field="p", response_field="r").resolved_generate(_params(), "cuda", True)
+    assert not CalibrationConfig(walk="model").resolved_generate(_params(), "cuda", True)
+
+
+def test_a_generation_watch_flags_overflow_and_names_the_record_but_not_masks():
+    import torch
+
+    from iteris.finite import FiniteWatch, NonFiniteOutputs
+
+    masked = FiniteWatch()
+    scores = torch.zeros(2, 5)
+    scores[:, 0] = float("-inf")  # a suppressed token (min_new_tokens, suppress_tokens): a mask, not an overflow
+    masked(None, scores)
+    masked.check(["record 1", "record 2"])
+    broken = FiniteWatch()
+    broken(None, scores)
+    bad = scores.clone()
+    bad[1, 3] = float("nan")
+    broken(None, bad)
+    with pytest.raises(NonFiniteOutputs, match="record 2"):
+        broken.check(["record 1", "record 2"])
 
 
 def test_generate_is_read_strictly():

@@ -73,7 +73,8 @@ class MergeResult:
             for sub in self.heads:  # (a card per sub-directory where each adapter's head is written apart)
                 write_card(tmp / sub if sub else tmp, merge_card(
                     self.report, cfg, library="transformers" if cfg.merge_into_base else "peft",
-                    task_type=self.adapters[0].task_type, files=[f"../{f}" if sub else f for f in figures]))
+                    task_type=self.adapters[0].task_type, files=[f"../{f}" if sub else f for f in figures],
+                    adapter_configs=[a.config for a in self.adapters]))
         return Path(out)
 
 
@@ -163,7 +164,8 @@ class ModelJob:
         unit = Unit(name="", adapters=adapters, report=self.report, device=loading.resolve_device(cfg.device),
                     dense_rank=(lambda n: None) if cfg.merge_into_base else None)
         if spec.needs_calibration:
-            cfg.calibration.generate = cfg.calibration.resolved_generate(params, unit.device, causal_lm(cfg, adapters))
+            refinable = causal_lm(cfg, adapters) and ranks is None  # (several processes: no refinement)
+            cfg.calibration.generate = cfg.calibration.resolved_generate(params, unit.device, refinable)
             self._prepare_calibration(unit, own_heads, merged_heads)
         else:
             loading.check_against_base(cfg.base_model, adapters, self.targets, cfg.trust_remote_code)
