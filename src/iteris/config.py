@@ -27,6 +27,7 @@ class CalibrationConfig:
     batch_size: int = 8  # samples per forward pass (padding never counts in the statistics)
     # causal LMs: append each adapter's own greedy continuation to its samples (the merge then sees the tokens
     # it will write, not only the prompts); auto: where the method asks for it (IterIS where it refines: a GPU)
+    # and the data holds no responses of its own
     generate: bool | Literal["auto"] = "auto"
     max_new_tokens: int = 64  # for generated decoder targets / continuations
     stats_dtype: Literal["auto", "float32", "float64"] = "auto"  # statistics' accumulation dtype: auto = float64 on CPU, float32 on GPU (solves: float64)
