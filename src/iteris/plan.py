@@ -48,7 +48,8 @@ class MergePlan:
         lines = [f"dry run: {self.method} on {self.device} ({self.dtype}); nothing was merged or written", "",
                  "adapters:"]
         for a in self.adapters:
-            data = f", {a['samples']} samples / {a['tokens']} tokens" if "samples" in a else ""
+            data = f", {a['samples']} samples / {a['tokens']} tokens" if "samples" in a else (
+                f", {a['prompts']} prompts" if a.get("prompts") else "")
             lines.append(f"  {a['name']}: weight {a['weight']:g}, rank {a['ranks']}, {a['layers']} layers{data}")
         lines += [f"target layers: {self.layers}",
                   f"output: a LoRA of rank {span}, {self.output_bytes / MB:.1f} MB (float32 factors)"]
@@ -76,6 +77,13 @@ def plan_merge(config, *, out=None, force: bool = False, probe: bool = True, **o
     family.check(cfg)
     if out is not None:
         check_output_dir(out, force, cfg.inputs(), repair=False)
+    if hasattr(family, "check_files"):  # a diffusers pipeline: its LoRA files are read into the loaded pipeline
+        entries = family.check_files(cfg, spec.needs_calibration)
+        return MergePlan(method=spec.name, device=loading.resolve_device(cfg.device), dtype=cfg.dtype, layers=0,
+                         adapters=[{**e, "weight": w, "ranks": "-", "layers": "-"} for e, w in zip(entries, weights)],
+                         output_ranks=[], output_bytes=0,
+                         notes=["a diffusers pipeline: the config, the output, the LoRA files and the prompts were "
+                                "checked; the LoRAs' layers, ranks, memory and time need the pipeline loaded"])
     adapters = [load_adapter(s.name, s.path) for s in cfg.adapters]
     check_compatible(adapters)
     check_weights(adapters, weights, spec.needs_calibration)
@@ -89,10 +97,6 @@ def plan_merge(config, *, out=None, force: bool = False, probe: bool = True, **o
                      adapters=[{"name": a.name, "weight": w, "ranks": ", ".join(map(str, sorted(set(a.ranks.values())))),
                                 "layers": len(a.modules)} for a, w in zip(adapters, weights)],
                      output_ranks=ranks, output_bytes=output_bytes)
-    if getattr(family, "__name__", "") == "PipelineJob" or cfg.model_type == "diffusion":
-        plan.notes.append("a diffusers pipeline: the adapters were checked; memory and time are estimated for "
-                          "transformers models only")
-        return plan
     model = loading.meta_model(cfg.base_model, adapters, targets, cfg.trust_remote_code)
     if loading.reads_images(model.config):
         plan.notes.append("a model that reads images: the adapters and the model's shapes were checked; memory and "

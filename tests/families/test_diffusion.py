@@ -436,3 +436,23 @@ def test_sd3_transformer_and_two_clip_encoders(tmp_path, prompts):
                   return_dict=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs)[0], merged(**inputs)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_dry_run_checks_a_pipeline_merge_and_writes_nothing(tmp_path, pipe_dir, prompts):
+    from iteris.plan import plan_merge
+
+    cube, dog = prompts
+    first = pf.save_diffusers_lora(pf.lora_layers(pipe_dir, seed=1), tmp_path / "cube")
+    second = pf.save_kohya_lora(pf.lora_layers(pipe_dir, seed=2, targets={"unet": pf.UNET_TARGETS}), tmp_path / "dog")
+    config = _write_config(tmp_path, pipe_dir, [
+        {"name": "cube", "path": str(first), "data": str(cube)}, {"name": "dog", "path": str(second), "data": str(dog)},
+    ])
+    plan = plan_merge(config, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [a["name"] for a in plan.adapters] == ["cube", "dog"]
+    assert all(a["prompts"] == 3 and a["file"].endswith(".safetensors") for a in plan.adapters)
+    assert any("pipeline" in note for note in plan.notes) and "cube: weight 1" in plan.describe()
+    cfg = yaml.safe_load(config.read_text())
+    cfg["adapters"][1]["path"] = str(tmp_path / "nowhere")
+    with pytest.raises(iteris.IterisError, match="no LoRA weights"):  # a missing file is found without the pipeline
+        plan_merge(cfg)

@@ -258,6 +258,15 @@ class PipelineJob:
     """A diffusers pipeline: one unit per component the adapters touch, text encoders first."""
 
     @staticmethod
+    def check_files(cfg: MergeConfig, needs_calibration: bool) -> list[dict]:
+        """What can be checked without loading the pipeline (a dry run): each adapter's LoRA file and its
+        prompts. Reading a LoRA into the pipeline's layers needs the pipeline itself."""
+        files = [lora_file(s.path) for s in cfg.adapters]
+        batches = _prompt_batches(cfg) if needs_calibration else [[] for _ in cfg.adapters]
+        return [{"name": s.name, "file": str(f), "prompts": sum(len(b) for b in bs)}
+                for s, f, bs in zip(cfg.adapters, files, batches)]
+
+    @staticmethod
     def check(cfg: MergeConfig) -> None:
         if cfg.merge_into_base:
             raise IterisError("merge_into_base writes a transformers model; for a pipeline, load the merged LoRA and "
