@@ -87,7 +87,7 @@ def merge_card(report: dict, config, *, library: str, task_type: str | None = No
         "The merge configuration (the calibration files are named, their text is not copied here):",
         "",
         "```yaml",
-        yaml.safe_dump(_config_dict(config), sort_keys=False).strip(),
+        yaml.safe_dump(_as_written(config), sort_keys=False).strip(),
         "```",
         "",
         "```bash",
@@ -135,12 +135,8 @@ def _output_lines(report: dict) -> list[str]:
     return lines or ["- (no output details in the report)"]
 
 
-def _config_dict(config) -> dict:
-    """The config as a user would write it: only what differs from the defaults."""
-    return _changed(config)
-
-
-def _changed(value):
+def _as_written(value):
+    """A config as a user would write it: only what differs from the defaults."""
     if dataclasses.is_dataclass(value):
         out = {}
         for f in dataclasses.fields(value):
@@ -149,16 +145,15 @@ def _changed(value):
                 continue
             if f.default_factory is not dataclasses.MISSING and v == f.default_factory():
                 continue
-            out[f.name] = _changed(v)
+            out[f.name] = _as_written(v)
         return out
     if isinstance(value, list):
-        return [_changed(v) for v in value]
+        return [_as_written(v) for v in value]
     return value
 
 
 def write_card(directory: Path, text: str) -> None:
     (directory / CARD).write_text(text, encoding="utf-8")
-
 
 
 def update_scores(card: Path, scores: str) -> bool:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from .adapters import LoraAdapter, adapter_from_state
 from .config import CalibrationConfig
-from .data import load_records, select_samples
+from .data import load_records
 from .errors import IterisError
-from .families.text import tokenize_samples
+from .families.text import drawn_token_samples
 from .families.transformers import fit_positions
 from .merge import merge_loaded
 from .output import adapter_config, adapter_state_dict
@@ -25,8 +25,8 @@ def add_merged_adapter(peft_model, adapters: list[str], data: list | None = None
     lists; texts need ``tokenizer``. ``calibration``: a merge config's calibration settings (samples,
     max_length, seed, batch_size, ...), drawn and tokenized exactly as ``iteris merge`` does, so both give the
     same adapter where the merge calibrates on the prompts alone (``calibration.generate: false``; on a GPU
-    IterIS's merge adds each adapter's continuations by default). ``parameters``: the method's. The new adapter is added, not activated:
-    ``peft_model.set_adapter(adapter_name)`` to use it.
+    IterIS's merge adds each adapter's continuations by default). ``parameters``: the method's. The new
+    adapter is added, not activated: ``peft_model.set_adapter(adapter_name)`` to use it.
     """
     from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -114,9 +114,7 @@ def _token_samples(data, adapters: list[str], cal: CalibrationConfig, tokenizer,
                               f"lists, got {type(entry).__name__}")
         if tokenizer is None:
             raise IterisError("texts need a tokenizer: add_merged_adapter(..., tokenizer=AutoTokenizer.from_pretrained(...))")
-        out.append(tokenize_samples(tokenizer, select_samples(records, cal, source), model, cal.max_length))
-        if not out[-1]:
-            raise IterisError(f"adapter '{name}': no calibration sample survived tokenisation")
+        out.append(drawn_token_samples(tokenizer, records, cal, source, model, name))
     return out
 
 

@@ -4,7 +4,7 @@ size) and estimates of its peak memory and its time, without loading the base mo
 The model is built on the meta device from its config (shapes, no weights); the calibration files are read and
 tokenized, since their token counts size the merge. Memory is a sum of what the engine keeps (weights,
 hidden states at a block boundary, one block's statistics and its float64 solve); time comes from a timed
-probe: one block of the model, with random weights, run on a batch of the calibration's shape.
+probe: the merge itself on the model cut to its first one and two blocks (random weights), scaled to every block.
 """
 
 from __future__ import annotations
@@ -111,10 +111,9 @@ def plan_merge(config, *, out=None, force: bool = False, probe: bool = True, **o
         plan.notes.append("a data-free method: the base model's weights are not loaded (its shapes were checked)")
         _add_runtime(plan, device)
         return plan
-    from .families.transformers import causal_lm
+    from .families.transformers import resolve_generate
 
-    cfg.calibration.generate = cfg.calibration.resolved_generate(params, device, causal_lm(cfg, adapters))
-    if cfg.calibration.generate:
+    if resolve_generate(cfg, params, device, adapters):
         plan.notes.append("calibration: each adapter's own continuations follow its prompts (calibration.generate)")
     lengths = _sample_lengths(cfg, model)
     for entry, lens in zip(plan.adapters, lengths):
@@ -144,7 +143,7 @@ def _add_runtime(plan: MergePlan, device: str) -> None:
 
 def _sample_lengths(cfg, model) -> list[list[int]]:
     """Each adapter's calibration samples' token counts, drawn and tokenized as the merge will."""
-    from .data import load_records, select_samples
+    from .data import load_records
     from .families import loading, text
     from .families.transformers import fit_positions
 
@@ -155,10 +154,8 @@ def _sample_lengths(cfg, model) -> list[list[int]]:
     tokenizer = loading.load_tokenizer(cfg.tokenizer or cfg.base_model, cfg.trust_remote_code)
     out = []
     for spec in cfg.adapters:
-        texts = select_samples(load_records(spec.data), cfg.calibration, spec.data, field=spec.field, samples=spec.samples)
-        samples = text.tokenize_samples(tokenizer, texts, model, cfg.calibration.max_length, cfg.calibration.generate)
-        if not samples:
-            raise IterisError(f"adapter '{spec.name}': no calibration sample survived tokenisation")
+        samples = text.drawn_token_samples(tokenizer, load_records(spec.data), cfg.calibration, spec.data, model,
+                                           spec.name, field=spec.field, samples=spec.samples)
         extra = cfg.calibration.max_new_tokens if cfg.calibration.generate else 0
         out.append([s.tokens + extra for s in samples])
     return out
@@ -238,8 +235,8 @@ def _timed_probe(cfg, spec, params, adapters, weights, model, targets, lengths, 
     """The merge itself on small pieces: the model cut to its first block and to its first two (random weights
     on the device; the checkpoint is never read), one batch per adapter. What the second block adds is what
     each further block costs, the rest is paid once; so the seconds scale to every block and batch. Each piece
-    runs twice, the first untimed (a process's first kernels are slow). Returns (seconds, None), or
-    ({}, why) where the model cannot be cut so."""
+    runs four times: the first untimed (a process's first kernels are slow), the median of the rest kept.
+    Returns (seconds, None), or ({}, why) where the model cannot be cut so."""
     import dataclasses
 
     from .engine.blocks import block_list
@@ -318,17 +315,11 @@ def _cut_model(model, blocks: int, dtype, device):
             setattr(config, key, value[:blocks])
     with torch.device("meta"):
         small = type(model)._from_config(config)
-    return _materialized(small, dtype, device).eval()
-
-
-def _materialized(block, dtype, device):
-    import copy
-
-    real = copy.deepcopy(block).to_empty(device=device).to(dtype)
+    small = small.to_empty(device=device).to(dtype)  # (any values do for timing: random weights, unit buffers)
     with torch.no_grad():
-        for p in real.parameters():
+        for p in small.parameters():
             p.normal_(0, 0.02)
-        for b in real.buffers():
+        for b in small.buffers():
             if b.is_floating_point():
                 b.fill_(1.0)
-    return real
+    return small.eval()

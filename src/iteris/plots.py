@@ -79,12 +79,11 @@ def _layer_errors(report: dict) -> dict[str, float]:
 def score_figure(results: dict, path: Path) -> None:
     """Per task, a bar for the base model, each task's own adapter and every merged model."""
     rows = results["rows"]
-    tasks = [t["name"] if isinstance(t, dict) else t for t in results["tasks"]]
+    tasks = results["tasks"]
     fig, ax = _figure(max(6, 1.6 * len(tasks) + 2), 4)
     width = 0.8 / max(len(rows), 1)
     for k, row in enumerate(rows):
-        values = [row["scores"].get(t) for t in tasks]
-        ax.bar([i + k * width for i in range(len(tasks))], [v if v is not None else 0 for v in values], width,
+        ax.bar([i + k * width for i in range(len(tasks))], [row["scores"][t] for t in tasks], width,
                label=row["method"])
     ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(tasks))])
     metrics = results.get("metrics") or {}

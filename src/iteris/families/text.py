@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessorList
 
+from ..data import select_samples
 from ..errors import IterisError
 from ..finite import FiniteWatch
 from ..engine.forward import TokenSample, model_kind
@@ -103,6 +104,17 @@ def tokenize_samples(tokenizer, samples, model: nn.Module, max_length: int, prom
         if not ids:
             continue
         out.append(TokenSample(input_ids=ids, decoder_ids=decoder, origin=sample.origin))
+    return out
+
+
+def drawn_token_samples(tokenizer, records: list[dict], cal, source: str, model: nn.Module, name: str,
+                        field: str | None = None, samples: int | None = None) -> list[TokenSample]:
+    """One adapter's calibration records drawn and tokenized as a merge draws them (the dry run and a merge
+    into a live PeftModel, which have the model at hand from the start); refused where none survive."""
+    drawn = select_samples(records, cal, source, field=field, samples=samples)
+    out = tokenize_samples(tokenizer, drawn, model, cal.max_length, cal.generate)
+    if not out:
+        raise IterisError(f"adapter '{name}': no calibration sample survived tokenisation")
     return out
 
 

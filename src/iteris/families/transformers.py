@@ -109,13 +109,14 @@ def resolve_heads(adapters: list[LoraAdapter], policy: str):
     return own_heads, [reference for _ in adapters], {"": dict(reference)}
 
 
-def causal_lm(cfg: MergeConfig, adapters: list[LoraAdapter]) -> bool:
-    """Whether the base model is loaded as a decoder language model (from its config alone)."""
+def resolve_generate(cfg: MergeConfig, params, device: str, adapters: list[LoraAdapter], ranks=None) -> bool:
+    """``calibration.generate`` decided (``auto``: the method asks) and set on the config: continuations are
+    for a decoder language model (from its config alone) merged in one process (several: no refinement)."""
     config = loading.load_model_config(cfg.base_model, cfg.trust_remote_code)
-    if loading.reads_images(config):
-        return False
-    name = loading.auto_class(cfg.base_model, adapters[0].task_type, {}, cfg.trust_remote_code)[0].__name__
-    return name == "AutoModelForCausalLM"
+    causal = not loading.reads_images(config) and ranks is None and loading.auto_class(
+        cfg.base_model, adapters[0].task_type, {}, cfg.trust_remote_code)[0].__name__ == "AutoModelForCausalLM"
+    cfg.calibration.generate = cfg.calibration.resolved_generate(params, device, causal)
+    return cfg.calibration.generate
 
 
 def fit_positions(cal: CalibrationConfig, positions: int | None) -> None:
@@ -164,8 +165,7 @@ class ModelJob:
         unit = Unit(name="", adapters=adapters, report=self.report, device=loading.resolve_device(cfg.device),
                     dense_rank=(lambda n: None) if cfg.merge_into_base else None)
         if spec.needs_calibration:
-            refinable = causal_lm(cfg, adapters) and ranks is None  # (several processes: no refinement)
-            cfg.calibration.generate = cfg.calibration.resolved_generate(params, unit.device, refinable)
+            resolve_generate(cfg, params, unit.device, adapters, ranks)
             self._prepare_calibration(unit, own_heads, merged_heads)
         else:
             loading.check_against_base(cfg.base_model, adapters, self.targets, cfg.trust_remote_code)
