@@ -59,7 +59,8 @@ class MergePlan:
             lines.append(f"estimated peak {where} memory: {self.peak_bytes / MB:.0f} MB ({parts})")
         if self.seconds:
             parts = ", ".join(f"{k} {v:.3g} s" for k, v in self.seconds.items() if k != "total")
-            lines.append(f"estimated time: {self.seconds['total']:.3g} s ({parts})")
+            lines.append(f"estimated time: {self.seconds['total']:.3g} s ({parts}), and reading the base model's "
+                         "weights on top")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -262,7 +263,7 @@ def _timed_probe(cfg, spec, params, adapters, weights, model, targets, lengths, 
                                      weights=weights, calibration=dataclasses.asdict(cal))
             timings = dict(report["timings"])
             if cal.generate:
-                timings["generate"] = _generation_step(small, rows, lengths, device)
+                timings["generate"] = _generation_step(small, parts[0], rows, lengths, device)
             runs.append(timings)
         return {key: sorted(r.get(key, 0.0) for r in runs[1:])[1] for key in runs[-1]}
 
@@ -288,19 +289,32 @@ def _timed_probe(cfg, spec, params, adapters, weights, model, targets, lengths, 
     return seconds, None
 
 
-def _generation_step(model, rows: int, lengths, device: str) -> float:
-    """Seconds per new token of a greedy generation on a batch of the calibration's mean length."""
+def _generation_step(model, adapter, rows: int, lengths, device: str) -> float:
+    """Seconds per new token of a greedy generation on a batch of the calibration's mean length, run as the
+    merge runs it: an adapter's update added by the hooks to every target layer, and the finiteness watch."""
+    from transformers import LogitsProcessorList
+
+    from .engine.inject import DeltaInjector, own
+    from .engine.layers import resolve_layers
+    from .finite import FiniteWatch
+
     mean = max(1, round(sum(map(sum, lengths)) / sum(map(len, lengths))))
     ids = torch.ones(rows, mean, dtype=torch.long, device=device)
-    steps = 8
+    steps = 16  # (the prompt's own pass is paid once per batch: spread over the steps, it is a small share)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
-                       do_sample=False, pad_token_id=0)
-    sync()
-    return (time.perf_counter() - start) / steps
+    injector = DeltaInjector(model, resolve_layers(model, list(adapter.modules)))
+    try:
+        injector.set_variant(own(0), adapter.modules)
+        with injector.use(own(0)), torch.no_grad():
+            sync()
+            start = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                           min_new_tokens=steps, do_sample=False, num_beams=1, pad_token_id=0,
+                           logits_processor=LogitsProcessorList([FiniteWatch()]))
+            sync()
+            return (time.perf_counter() - start) / steps
+    finally:
+        injector.remove()
 
 
 def _cut_model(model, blocks: int, dtype, device):

@@ -45,6 +45,37 @@ def test_dry_run_prints_the_plan_and_loads_no_weights(config, tmp_path, capsys, 
     assert re.search(r"estimated time: [0-9.e+-]+ s \(capture", printed)
 
 
+def test_continuations_are_timed_with_an_adapter_in_every_target_layer(config, tmp_path, capsys, monkeypatch):
+    """The merge writes each adapter's continuations through the hooks that add its update, watched for
+    overflow; the probe must time that, not the bare base model (on a GPU, those hooks are most of a step)."""
+    from iteris import finite
+    from iteris.engine import inject
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["calibration"]["generate"] = True
+    config.write_text(yaml.safe_dump(cfg))
+    active, seen = [], []
+    use = inject.DeltaInjector.use
+
+    @__import__("contextlib").contextmanager
+    def tracked(self, key, overrides=None):
+        with use(self, key, overrides):
+            active.append(len(self.variants[key]) if key is not None else 0)
+            try:
+                yield
+            finally:
+                active.pop()
+
+    watch = finite.FiniteWatch.__call__
+    monkeypatch.setattr(inject.DeltaInjector, "use", tracked)
+    monkeypatch.setattr(finite.FiniteWatch, "__call__",
+                        lambda self, ids, scores: (seen.append(list(active)), watch(self, ids, scores))[1])
+    assert main(["merge", str(config), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"estimated time: [0-9.e+-]+ s \(generate [0-9.e+-]+ s, capture", printed)
+    assert {tuple(layers) for layers in seen} == {(7,), (14,)}  # the 1- and 2-block pieces' target layers
+
+
 def test_dry_run_refuses_what_the_merge_would_refuse(config, tmp_path, capsys):
     cfg = yaml.safe_load(config.read_text())
     cfg["adapters"][1]["path"] = str(tmp_path / "nowhere")

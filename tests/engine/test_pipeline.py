@@ -190,9 +190,13 @@ def test_generated_targets(family, kind, tiny_family_dir, adapters_for, calibrat
     cfg = _config(base, adapters_for(family, 2), data, parameters={"iterations": 1})
     cfg["calibration"].update(max_new_tokens=5, generate=True)
     plain = dict(cfg, calibration=dict(cfg["calibration"], generate=False))
-    with_gen = iteris.merge(cfg).report["adapters"]
+    report = iteris.merge(cfg).report
+    with_gen = report["adapters"]
+    assert 0 < report["timings"]["generate"] <= report["timings"]["load"]  # reported apart, inside the load
     if family == "llama":
-        without = iteris.merge(plain).report["adapters"]
+        without = iteris.merge(plain).report
+        assert "generate" not in without["timings"]
+        without = without["adapters"]
         assert all(a["tokens"] > b["tokens"] for a, b in zip(with_gen, without))
     else:
         assert all(a["tokens"] > 0 for a in with_gen)

@@ -261,6 +261,7 @@ class ModelJob:
     def _complete(self, unit: Unit, tokenizer, samples: list, device: str) -> list:
         """What each adapter's own model writes, where it must (targets, continuations)."""
         cal = self.cfg.calibration
+        start = time.perf_counter()
         for i, adapter in enumerate(self.adapters):
             with unit.injector.use(own(i), unit.own_overrides[i]):
                 try:
@@ -269,6 +270,8 @@ class ModelJob:
                 except NonFiniteOutputs as exc:
                     raise IterisError(f"adapter '{adapter.name}': generating its calibration targets, {exc}; "
                                       "check the adapter and the dtype (float16 overflow)") from None
+        if cal.generate:  # (inside the load time; reported apart, as the dry run estimates it apart)
+            self.report["timings"]["generate"] = time.perf_counter() - start
         return samples
 
     def _report_calibration(self, unit: Unit, device: str, dtype, kind: str, images: bool) -> None:
