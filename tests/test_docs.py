@@ -18,3 +18,17 @@ def test_docs_build_strict(tmp_path):
     assert "max_new_tokens" in config and "trust_remote_code" in config  # generated from the config classes
     methods = (tmp_path / "site" / "reference" / "methods" / "index.html").read_text()
     assert "refine_lr" in methods and "prodistill" in methods  # generated from the registry
+
+
+def test_readme_headline_table_is_the_benchmarks_page_table():
+    """The README shows the headline quality table and the docs' benchmarks page sums up the same numbers:
+    a rerun that updates one must update the other."""
+
+    def table(path: Path) -> list[str]:
+        lines = path.read_text().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("| N adapters"))
+        end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+        return lines[start:end]
+
+    readme, page = table(ROOT / "README.md"), table(ROOT / "docs" / "benchmarks.md")
+    assert len(readme) > 3 and readme == page
