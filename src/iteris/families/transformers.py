@@ -112,9 +112,8 @@ def resolve_heads(adapters: list[LoraAdapter], policy: str):
 def resolve_generate(cfg: MergeConfig, params, device: str, adapters: list[LoraAdapter], ranks=None) -> bool:
     """``calibration.generate`` decided (``auto``: the method asks) and set on the config: continuations are
     for a decoder language model (from its config alone) merged in one process (several: no refinement)."""
-    config = loading.load_model_config(cfg.base_model, cfg.trust_remote_code)
-    causal = not loading.reads_images(config) and ranks is None and loading.auto_class(
-        cfg.base_model, adapters[0].task_type, {}, cfg.trust_remote_code)[0].__name__ == "AutoModelForCausalLM"
+    auto_cls, config, _ = loading.auto_class(cfg.base_model, adapters[0].task_type, {}, cfg.trust_remote_code)
+    causal = ranks is None and not loading.reads_images(config) and auto_cls.__name__ == "AutoModelForCausalLM"
     cfg.calibration.generate = cfg.calibration.resolved_generate(params, device, causal)
     return cfg.calibration.generate
 
